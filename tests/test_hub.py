@@ -1,0 +1,79 @@
+"""dude.load_model: the built-in SmolLM2 from its PyPI wheel, local folders, bad paths."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dude.cache import cached_entry, check_sha256
+from dude.hub import default_model_dir, load_model
+
+
+def test_default_model_is_smollm2(smollm2) -> None:
+    model, tokenizer = smollm2
+    assert type(model).__name__ == "LlamaForCausalLM"
+    n_params = sum(p.numel() for p in model.parameters())
+    assert abs(n_params - 134.5e6) < 0.1e6, n_params
+    assert next(model.parameters()).dtype == torch.float32
+    assert tokenizer.pad_token is not None
+    assert tokenizer.chat_template  # kept: data formatting relies on it
+    batch = tokenizer(["The capital of France is"], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (1, batch["input_ids"].shape[1], model.config.vocab_size)
+    assert torch.isfinite(logits).all()
+    # A real pretrained model, not random weights: it knows the obvious continuation.
+    next_token = tokenizer.decode(logits[0, -1].argmax())
+    assert "Paris" in next_token, next_token
+
+
+def test_second_load_comes_from_cache(smollm2_dir: Path) -> None:
+    assert (smollm2_dir / "model.safetensors").is_file()
+    assert not list(smollm2_dir.rglob("*.gguf")) and not list(smollm2_dir.rglob("*.whl"))
+    stamp = (smollm2_dir / "model.safetensors").stat().st_mtime
+    start = time.perf_counter()
+    assert default_model_dir() == smollm2_dir
+    model, _ = load_model()
+    assert time.perf_counter() - start < 20  # no GGUF conversion (~18 s on its own)
+    assert (smollm2_dir / "model.safetensors").stat().st_mtime == stamp
+    assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_dtype_option(smollm2_dir: Path) -> None:
+    model, _ = load_model(smollm2_dir, dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_bad_paths_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="pickle checkpoints are refused"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match="not a folder"):
+        load_model(tmp_path / "config.json")
+
+
+def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DUDE_CACHE", str(tmp_path))
+    bad = tmp_path / "blob"
+    bad.write_bytes(b"tampered")
+
+    def build(out: Path) -> None:
+        (out / "half_written").write_text("x")
+        check_sha256(bad, "0" * 64, "test blob")
+
+    with pytest.raises(ValueError, match="sha256 mismatch for test blob"):
+        cached_entry("entry", build)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["blob"]
+    # A successful build appears atomically and is not rebuilt.
+    calls = []
+    entry = cached_entry("entry", lambda out: calls.append((out / "f").write_text("ok")))
+    assert (entry / "f").read_text() == "ok"
+    assert cached_entry("entry", lambda out: calls.append(1)) == entry and len(calls) == 1
