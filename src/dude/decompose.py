@@ -1,0 +1,155 @@
+"""Pure tensor math of the four methods: SVD init, the principal split, row norms, merging.
+
+Every function here is free of modules and state, so the layer, the merge, the export
+and the tests all call the same formula. Weights follow PyTorch's ``(out, in)`` layout.
+
+    W = U S V^T                          (SVD in float32)
+    B0 = U_r sqrt(S_r / s)               (out, r)
+    A0 = sqrt(S_r / s) V_r^T             (r, in)
+    W_res = W - s * B0 @ A0              (out, in), frozen
+    y = g * (x W_res^T + s * drop(x) A^T B^T) + bias,   g = m / ||W_res + s B A||_row
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows per block when a half-precision weight meets float32 math: bounds the float32
+# temporary to ROW_BLOCK * in values instead of a full copy of the weight.
+ROW_BLOCK = 1024
+
+
+def top_singular(
+    weight: torch.Tensor,
+    r: int,
+    *,
+    randomized: bool = False,
+    niter: int = 4,
+    oversample: int = 16,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r singular triplets ``(U_r (out, r), S_r (r,), Vh_r (r, in))`` of a float32 matrix.
+
+    ``randomized`` uses the range finder of Halko, Martinsson & Tropp (2011, alg. 4.4):
+    a seeded Gaussian sketch of ``r + oversample`` columns, ``niter`` power iterations
+    re-orthonormalised by QR (so flat spectra stay accurate), then an exact SVD of the
+    small projected matrix. The same seed gives the same factors on the same machine.
+    """
+    if weight.dtype != torch.float32:
+        raise TypeError(f"top_singular expects a float32 matrix, got {weight.dtype}")
+    if not randomized:
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        return u[:, :r], s[:r], vh[:r]
+    k = min(r + oversample, *weight.shape)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    sketch = torch.randn(weight.shape[1], k, generator=generator).to(weight.device)  # (in, k)
+    basis, _ = torch.linalg.qr(weight @ sketch)  # (out, k)
+    for _ in range(niter):
+        co_basis, _ = torch.linalg.qr(weight.T @ basis)  # (in, k)
+        basis, _ = torch.linalg.qr(weight @ co_basis)  # (out, k)
+    u_small, s, vh = torch.linalg.svd(basis.T @ weight, full_matrices=False)  # (k, k), (k,), (k, in)
+    return (basis @ u_small)[:, :r], s[:r], vh[:r]
+
+
+def principal_factors(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA factors ``B0 = U_r sqrt(S_r/s)`` (out, r) and ``A0 = sqrt(S_r/s) V_r^T`` (r, in)."""
+    root = torch.sqrt(s / scaling)  # (r,)
+    return u * root, root[:, None] * vh
+
+
+def residual_weight(weight: torch.Tensor, b0: torch.Tensor, a0: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The frozen part ``W - s * B0 @ A0``, computed in float32, returned in ``weight``'s dtype.
+
+    Saving and loading both call this, so a reloaded residual is bit-identical.
+    """
+    w32 = weight.to(torch.float32)
+    return torch.addmm(w32, b0.to(torch.float32), a0.to(torch.float32), alpha=-scaling).to(weight.dtype)
+
+
+def _times_transpose_fp32(weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``weight @ factor^T`` in float32 (out, r), without a float32 copy of a half weight."""
+    factor = factor.to(torch.float32)
+    if weight.dtype == torch.float32:
+        return weight @ factor.T
+    blocks = [block.to(torch.float32) @ factor.T for block in weight.split(ROW_BLOCK)]
+    return torch.cat(blocks)
+
+
+def row_sq_norm(weight: torch.Tensor) -> torch.Tensor:
+    """``||W||^2`` per output row, accumulated in float32: (out,)."""
+    return torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
+
+
+def row_norm_factored(
+    residual: torch.Tensor,
+    residual_sq_norm: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """``||W_res + s B A||`` per output row, float32 (out,), without forming ``B @ A``.
+
+        ||W_res + sBA||^2 = ||W_res||^2 + 2s rowsum((W_res A^T) * B) + s^2 rowsum((B (A A^T)) * B)
+
+    The same O(out * in * r) work as forming ``B @ A``, but no (out, in) temporary and no
+    second pass over it; ``residual_sq_norm`` is ``row_sq_norm(residual)``, constant while
+    the residual is frozen.
+    """
+    a32, b32 = lora_a.to(torch.float32), lora_b.to(torch.float32)
+    cross = (_times_transpose_fp32(residual, a32) * b32).sum(dim=1)  # (out,)
+    gram = a32 @ a32.T  # (r, r)
+    update_sq = ((b32 @ gram) * b32).sum(dim=1)  # (out,)
+    sq = residual_sq_norm + 2.0 * scaling * cross + (scaling * scaling) * update_sq
+    return sq.clamp_min(0.0).sqrt()
+
+
+def row_norm_dense(weight: torch.Tensor) -> torch.Tensor:
+    """Reference ``||W||`` per output row, float32 (out,)."""
+    return torch.linalg.vector_norm(weight.to(torch.float32), dim=1)
+
+
+def merged_weight(
+    residual: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The dense weight the adapter computes, float32 (out, in).
+
+        W' = W_res + s B A                      (LoRA, PiSSA)
+        W' = m / ||W_res + s B A||_row * (...)  (DoRA, DuDe)
+    """
+    dense = torch.addmm(residual.to(torch.float32), lora_b.to(torch.float32), lora_a.to(torch.float32), alpha=scaling)
+    if magnitude is None:
+        return dense
+    return dense * (magnitude.to(torch.float32) / row_norm_dense(dense))[:, None]
+
+
+def reference_forward(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor | None = None,
+    detach_norm: bool = True,
+) -> torch.Tensor:
+    """The formula of DESIGN.md, written the slow and obvious way (dense ``B @ A``), in float32.
+
+    Tests compare the layer's fast path and its gradients against this.
+    """
+    x32 = x.to(torch.float32)
+    dense = residual.to(torch.float32) + scaling * lora_b.to(torch.float32) @ lora_a.to(torch.float32)
+    out = x32 @ dense.T
+    if magnitude is not None:
+        norm = torch.linalg.vector_norm(dense, dim=1)
+        if detach_norm:
+            norm = norm.detach()
+        out = out * (magnitude.to(torch.float32) / norm)
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out
