@@ -1,0 +1,40 @@
+"""PEFT's implementation of the same four methods: the independent reference."""
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+import dude
+
+
+def peft_model(base, method: str, r: int, alpha: float, targets, use_rslora: bool = False):
+    """PEFT's LoRA, DoRA, PiSSA, and DoRA+PiSSA (DuDe's starting point)."""
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_rslora=use_rslora,
+        use_dora=method in ("dora", "dude"), init_lora_weights="pissa" if method in ("pissa", "dude") else True,
+    )
+    return get_peft_model(base, config)
+
+
+def peft_layer_tensors(peft, name: str) -> dict[str, torch.Tensor]:
+    module = peft.base_model.model.get_submodule(name)
+    out = {"residual": module.base_layer.weight, "A": module.lora_A["default"].weight,
+           "B": module.lora_B["default"].weight}
+    if "default" in module.lora_magnitude_vector:
+        out["m"] = module.lora_magnitude_vector["default"].weight
+    return out
+
+
+def copy_kaiming_a_from_peft(model, peft) -> None:
+    """LoRA/DoRA draw A at random: give both sides the same A (B = 0 on both)."""
+    with torch.no_grad():
+        for name, layer in dude.adapter_layers(model).items():
+            layer.lora_A.copy_(peft_layer_tensors(peft, name)["A"])
+
+
+def sgd_steps(model, params, ids, steps: int = 3, lr: float = 0.5) -> None:
+    optimizer = torch.optim.SGD(params, lr=lr)
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
