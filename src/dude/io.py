@@ -190,8 +190,8 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             f"adapter does not fit this model: layers selected but absent from the file {missing[:5]}, "
             f"layers in the file but not in the model {extra[:5]}"
         )
-    for name, parts in modules.items():
-        _check_shapes(name, parts, targets[name], config)
+    for name, module in targets.items():  # model order: the first misfit layer is named
+        _check_shapes(name, modules[name], module, config)
     r = config.r
     initial = {n: (-p["B"][:, r:], p["A"][r:]) for n, p in modules.items()} if config.svd_init else None
     apply(model, config, initial_factors=initial)
