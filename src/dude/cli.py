@@ -1,0 +1,126 @@
+"""The ``dude`` command: train, eval, compare, export.
+
+Thin on purpose (the torchtune / litgpt habit): parse a YAML ``--config`` and the flags
+that override it into the typed config of the command, log the resolved config, call
+the package. Every option of the config dataclasses is a flag; ``dude <command> --help``
+lists them by YAML section.
+
+    dude compare                                  # the main job: 4 methods, default model and task
+    dude train --config configs/smoke.yaml --output-dir runs/smoke
+    dude eval --adapter runs/smoke --tasks heldout mmlu --limit 32
+    dude export --adapter runs/smoke --output-dir runs/smoke-merged
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable
+
+import yaml
+
+from .train import options
+
+COMMANDS = {
+    "train": "fine-tune one adapter (LoRA, DoRA, PiSSA or DuDe) and write it with metrics, plot, config",
+    "eval": "evaluate a base model, a dude/PEFT adapter directory or a merged model; writes eval.json",
+    "compare": "train LoRA, DoRA, PiSSA and DuDe on the same task, budget and seeds; table + plot + JSON",
+    "export": "merge an adapter directory into a plain transformers model folder (save_pretrained)",
+}
+
+ADAPTER_HELP = {  # dude.AdapterConfig documents its fields in its docstring, not in field metadata
+    "method": "lora, dora, pissa or dude",
+    "r": "rank of the update B @ A",
+    "alpha": "scaling numerator: s = alpha / r (alpha / sqrt(r) with rsLoRA)",
+    "use_rslora": "rank-stabilised scaling",
+    "dropout": "dropout on the adapter branch's input",
+    "target_modules": "module names to adapt (name or '.'-suffix match)",
+    "exclude_modules": "module names to leave alone",
+    "svd": "exact or randomized SVD for the PiSSA/DuDe init",
+    "svd_niter": "power iterations of the randomized SVD",
+    "svd_oversample": "extra directions of the randomized SVD",
+    "seed": "seed of the randomized SVD and of LoRA's Kaiming init",
+    "detach_norm": "treat the DoRA/DuDe row norm as a constant in backward",
+}
+
+
+def _config_class(command: str) -> type:
+    if command == "train":
+        from .train.config import TrainConfig
+
+        return TrainConfig
+    if command == "eval":
+        from .train.config import EvalCommandConfig
+
+        return EvalCommandConfig
+    if command == "export":
+        from .train.config import ExportConfig
+
+        return ExportConfig
+    from .compare import CompareConfig
+
+    return CompareConfig
+
+
+def _runner(command: str) -> Callable[[Any], Any]:
+    if command == "train":
+        from .train import train
+
+        return train
+    if command == "compare":
+        from .compare import run_compare
+
+        return run_compare
+    from .train import commands
+
+    return commands.run_eval if command == "eval" else commands.run_export
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dude", description="Fine-tune language models with DuDe, DoRA, PiSSA or LoRA adapters.",
+        epilog="Options come from a YAML --config, overridden by flags. 'dude <command> --help' lists them.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config", metavar="YAML", help="YAML file of options (sections as below); flags override it")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+        options.add_flags(p, _config_class(name), ADAPTER_HELP)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        config = options.resolve(_config_class(args.command), args.config, args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"dude {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    text = yaml.safe_dump(options.to_dict(config), sort_keys=False)
+    if args.print_config:
+        print(text, end="")
+        return 0
+    print(f"dude {args.command}: resolved config\n" + "\n".join("  " + line for line in text.splitlines()),
+          file=sys.stderr)
+    from .train import TrainingDiverged
+
+    try:
+        _runner(args.command)(config)
+    except TrainingDiverged as err:
+        print(f"dude {args.command}: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        if os.environ.get("DUDE_DEBUG"):
+            raise
+        print(f"dude {args.command}: error: {err}  (DUDE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

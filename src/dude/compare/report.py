@@ -1,0 +1,134 @@
+"""The comparison's numbers: read every run's files, derive the table, plot the curves."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ..train.rundir import plot_losses, read_lines
+from .config import CompareConfig
+
+
+def smoothed(losses: list[float], window: int) -> list[float]:
+    """Trailing moving average (shorter at the start)."""
+    return [sum(losses[max(0, i + 1 - window): i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(losses))]
+
+
+def steps_to(target: float, steps: list[int], curve: list[float]) -> int | None:
+    """First step whose smoothed loss is at or below ``target``."""
+    return next((s for s, v in zip(steps, curve) if v <= target), None)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _accuracies(evaluation: dict[str, Any] | None) -> dict[str, float]:
+    if not evaluation:
+        return {}
+    results = evaluation.get("results", evaluation)
+    return {k: v["accuracy"] for k, v in results.items() if isinstance(v, dict) and "accuracy" in v}
+
+
+def build(cfg: CompareConfig, root: Path, runs: list[dict[str, Any]], base_code: int | None,
+          wall_time: float) -> dict[str, Any]:
+    """Everything: per-run curves, summaries and accuracies; per-method aggregates."""
+    window = cfg.compare.smooth
+    base = _accuracies(_read_json(root / "base" / "eval.json")) if base_code == 0 or base_code is None else {}
+    for run in runs:
+        out = root / run["name"]
+        lines = read_lines(out / "metrics.jsonl")
+        run["method"], _, seed = run["name"].rpartition("-seed")
+        run["seed"] = int(seed)
+        run["steps"] = [r["step"] for r in lines]
+        run["loss"] = [r["loss"] for r in lines]
+        run["smoothed"] = smoothed(run["loss"], window)
+        run["summary"] = _read_json(out / "summary.json")
+        run["accuracy"] = _accuracies(_read_json(out / "eval.json"))
+        run["final_loss"] = run["smoothed"][-1] if run["smoothed"] and run["summary"] else None
+    finished = [r for r in runs if r["final_loss"] is not None]
+    target = cfg.compare.loss_target
+    if target is None and finished:
+        target = max(r["final_loss"] for r in finished)
+    for run in runs:
+        run["steps_to_target"] = steps_to(target, run["steps"], run["smoothed"]) if run["final_loss"] else None
+    methods = {m: _aggregate([r for r in runs if r["method"] == m], base, cfg) for m in cfg.compare.methods}
+    return {"config": {k: v for k, v in _config(cfg).items()}, "loss_target": target, "smooth": window,
+            "base_accuracy": base, "methods": methods, "runs": runs, "wall_time_s": round(wall_time, 1)}
+
+
+def _config(cfg: CompareConfig) -> dict[str, Any]:
+    from ..train.options import to_dict
+
+    return to_dict(cfg)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _aggregate(runs: list[dict[str, Any]], base: dict[str, float], cfg: CompareConfig) -> dict[str, Any]:
+    ok = [r for r in runs if r["final_loss"] is not None]
+    acc_names = sorted({k for r in ok for k in r["accuracy"]})
+    accuracy = {k: _mean([r["accuracy"].get(k) for r in ok]) for k in acc_names}
+    retention = None
+    if "mmlu" in accuracy and "mmlu" in base:
+        retention = accuracy["mmlu"] - base["mmlu"]
+    summaries = [r["summary"] for r in ok]
+    return {
+        "lr": cfg.compare.lrs.get(runs[0]["method"], cfg.optim.lr) if runs else None,
+        "runs": len(runs), "failed": len(runs) - len(ok),
+        "final_loss": _mean([r["final_loss"] for r in ok]),
+        "final_loss_std": statistics.stdev([r["final_loss"] for r in ok]) if len(ok) > 1 else None,
+        "steps_to_target": _mean([r["steps_to_target"] for r in ok]),
+        "accuracy": accuracy,
+        "mmlu_before": base.get("mmlu"), "mmlu_after": accuracy.get("mmlu"), "retention": retention,
+        "train_wall_time_s": _mean([s["wall_time_s"] for s in summaries]),
+        "peak_memory_mb": _mean([s["peak_memory_mb"] for s in summaries]),
+        "trainable_parameters": summaries[0]["trainable_parameters"] if summaries else None,
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(result: dict[str, Any]) -> str:
+    """A Markdown table, one row per method."""
+    target = result["loss_target"]
+    header = ["method", "lr", "final loss", f"steps to {_fmt(target, '.3f')}", "held-out acc",
+              "MMLU before -> after (retention)", "train time s", "peak MB"]
+    rows = [header, ["---"] * len(header)]
+    for method, m in result["methods"].items():
+        if m["final_loss"] is None:
+            rows.append([method, _fmt(m["lr"], "g"), "failed"] + ["-"] * (len(header) - 3))
+            continue
+        held = m["accuracy"].get("heldout")
+        n = ""
+        retention = (f"{_fmt(m['mmlu_before'], '.3f')} -> {_fmt(m['mmlu_after'], '.3f')} "
+                     f"({_fmt(m['retention'], '+.3f')})") if m["mmlu_after"] is not None else "-"
+        std = f" ± {m['final_loss_std']:.3f}" if m["final_loss_std"] is not None else ""
+        rows.append([method, _fmt(m["lr"], "g"), f"{m['final_loss']:.3f}{std}", _fmt(m["steps_to_target"], ".0f"),
+                     _fmt(held, ".3f") + n, retention, _fmt(m["train_wall_time_s"], ".0f"),
+                     _fmt(m["peak_memory_mb"], ".0f")])
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    note = (f"\nfinal loss: mean of the last {result['smooth']} steps; steps to target: first step whose "
+            f"{result['smooth']}-step mean reaches it; total wall time {result['wall_time_s']:.0f} s")
+    return "\n".join(lines) + note
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    curves = {}
+    for method in result["methods"]:
+        runs = [r for r in result["runs"] if r["method"] == method and r["steps"]]
+        if not runs:
+            continue
+        n = min(len(r["steps"]) for r in runs)
+        mean = [statistics.fmean(r["smoothed"][i] for r in runs) for i in range(n)]
+        curves[f"{method} (lr {result['methods'][method]['lr']:g})"] = (runs[0]["steps"][:n], mean)
+    cfg = result["config"]
+    plot_losses(path, curves, f"{cfg['compare']['smooth']}-step mean training loss, r={cfg['adapter']['r']}, "
+                              f"{cfg['data']['task']}", result["loss_target"])

@@ -1,0 +1,106 @@
+"""Run the comparison: the base-model eval, then one ``dude train`` process per
+(method, seed), then the report. ``--resume`` skips what already finished."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..train.config import EvalCommandConfig, EvalTarget, TrainConfig
+from ..train.options import to_dict
+from ..train.rundir import config_diff, write_json, write_text_atomic
+from . import report
+from .config import CompareConfig
+
+OWN = ("config.yaml", "compare.json", "compare.md", "loss_curves.png")
+
+
+def run_name(method: str, seed: int) -> str:
+    return f"{method}-seed{seed}"
+
+
+def _prepare_root(root: Path, cfg: CompareConfig, resolved: dict[str, Any]) -> None:
+    names = [run_name(m, s) for s in cfg.compare.seeds for m in cfg.compare.methods]
+    held = [n for n in (*OWN, "configs", "base", *names) if (root / n).exists()]
+    if cfg.run.resume:
+        saved = root / "config.yaml"
+        if saved.is_file():
+            diff = config_diff(yaml.safe_load(saved.read_text()), resolved)
+            if diff:
+                raise ValueError(f"--resume: the config differs from the comparison in {str(root)!r} in {diff}")
+        return
+    if held and not cfg.run.overwrite:
+        raise ValueError(f"run.output_dir {str(root)!r} already holds a comparison ({', '.join(held[:4])}); pass "
+                         "--resume to finish it, --overwrite to replace it, or another --output-dir")
+    for name in held:  # only what a comparison writes
+        path = root / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _subprocess(command: str, config: Any, path: Path) -> int:
+    """``python -m dude.cli <command> --config <path>`` with the config written there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "dude.cli", command, "--config", str(path)], env=env).returncode
+
+
+def _train_one(cfg: CompareConfig, root: Path, method: str, seed: int) -> dict[str, Any]:
+    name = run_name(method, seed)
+    out = root / name
+    done = (out / "summary.json").is_file() and (not cfg.eval.tasks or (out / "eval.json").is_file())
+    if cfg.run.resume and done:
+        print(f"compare: {name} finished before, kept")
+        return {"name": name, "returncode": 0, "skipped": True}
+    started = cfg.run.resume and (out / "config.yaml").is_file()
+    train_cfg = TrainConfig(
+        model=cfg.model,
+        adapter=dataclasses.replace(cfg.adapter, method=method, seed=seed),
+        data=cfg.data,
+        optim=dataclasses.replace(cfg.optim, lr=cfg.compare.lrs.get(method, cfg.optim.lr)),
+        run=dataclasses.replace(cfg.run, output_dir=str(out), seed=seed, resume=started, overwrite=not started),
+        eval=cfg.eval,
+    )
+    print(f"\ncompare: {name} (lr {train_cfg.optim.lr:g}, {cfg.optim.steps} steps)", flush=True)
+    start = time.perf_counter()
+    code = _subprocess("train", train_cfg, root / "configs" / f"{name}.yaml")
+    if code != 0:
+        print(f"compare: {name} failed (exit {code}); see the messages above. The other runs go on.")
+    return {"name": name, "returncode": code, "process_seconds": round(time.perf_counter() - start, 1)}
+
+
+def _base_eval(cfg: CompareConfig, root: Path) -> int:
+    if cfg.run.resume and (root / "base" / "eval.json").is_file():
+        return 0
+    print("\ncompare: evaluating the base model", flush=True)
+    eval_cfg = EvalCommandConfig(model=cfg.model, target=EvalTarget(output_dir=str(root / "base"), overwrite=True),
+                                 data=cfg.data, eval=cfg.eval)
+    return _subprocess("eval", eval_cfg, root / "configs" / "base.yaml")
+
+
+def run_compare(cfg: CompareConfig) -> dict[str, Any]:
+    """Run every method and seed; write and print the report; return it."""
+    start = time.perf_counter()
+    root = Path(cfg.run.output_dir)
+    resolved = to_dict(cfg)
+    _prepare_root(root, cfg, resolved)
+    root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(root / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    base_code = _base_eval(cfg, root) if cfg.compare.base_eval and cfg.eval.tasks else None
+    runs = [_train_one(cfg, root, m, s) for s in cfg.compare.seeds for m in cfg.compare.methods]
+    result = report.build(cfg, root, runs, base_code, time.perf_counter() - start)
+    write_json(root / "compare.json", result)
+    table = report.table(result)
+    write_text_atomic(root / "compare.md", table + "\n")
+    report.plot(result, root / "loss_curves.png")
+    print("\n" + table)
+    print(f"\nwrote {root / 'compare.json'}, {root / 'compare.md'}, {root / 'loss_curves.png'}")
+    return result

@@ -1,0 +1,175 @@
+"""Typed configs of ``dude train`` / ``eval`` / ``export``, one dataclass per YAML section.
+
+Each section validates itself in ``__post_init__`` with errors that name the option; the
+same classes give the Python API, the YAML recipes in ``configs/`` and the CLI flags
+(``options.py``). The adapter section is ``dude.AdapterConfig`` itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import AdapterConfig
+from .options import opt
+
+DTYPES = ("float32", "bfloat16", "float16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _positive(section: str, **values: float) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"{section}.{name} must be > 0, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = opt(None, "local transformers model folder; empty: the built-in SmolLM2-135M-Instruct")
+    dtype: str = opt("float32", f"parameter dtype, one of {DTYPES}")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+
+@dataclass
+class DataConfig:
+    task: str = opt("gsm_symbolic", "training task: gsm_symbolic, bigbench_<name> (social_iqa, strategyqa, "
+                                    "date_understanding, elementary_math_qa, logical_deduction), or file")
+    path: str | None = opt(None, "task 'file': JSON/JSONL/parquet training file")
+    eval_path: str | None = opt(None, "task 'file': held-out file of the same format (eval task 'heldout')")
+    format: str | None = opt(None, "task 'file': math, multiple_choice or instruction (empty: from the columns)")
+    max_length: int = opt(256, "tokens per training example; longer ones are truncated (with a counted warning)")
+    limit: int | None = opt(None, "use at most this many training examples (empty: all)")
+    split_seed: int = opt(0, "seed of the task's train/held-out split")
+    chat: bool | None = opt(None, "wrap prompts in the chat template (empty: when the tokenizer has one)")
+
+    def __post_init__(self) -> None:
+        from ..data import FILE_FORMATS, TASKS
+
+        if self.task not in TASKS:
+            raise ValueError(f"data.task must be one of {list(TASKS)}, got {self.task!r}")
+        if self.task == "file" and not self.path:
+            raise ValueError("data.task 'file' needs data.path (a JSON, JSONL or parquet file)")
+        if self.task != "file" and (self.path or self.eval_path):
+            raise ValueError(f"data.path / data.eval_path are for data.task 'file', not {self.task!r}")
+        if self.format is not None and self.format not in FILE_FORMATS:
+            raise ValueError(f"data.format must be one of {list(FILE_FORMATS)}, got {self.format!r}")
+        _positive("data", max_length=self.max_length, limit=self.limit)
+
+
+@dataclass
+class OptimConfig:
+    steps: int = opt(100, "optimizer steps")
+    lr: float = opt(2e-4, "peak learning rate (AdamW)")
+    batch_size: int = opt(4, "examples per micro-batch per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    warmup_steps: int = opt(10, "linear warmup steps, then cosine decay")
+    min_lr_ratio: float = opt(0.0, "final lr as a fraction of the peak")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float | None = opt(1.0, "clip the gradient norm to this (empty: no clipping)")
+
+    def __post_init__(self) -> None:
+        _positive("optim", steps=self.steps, lr=self.lr, batch_size=self.batch_size,
+                  grad_accum=self.grad_accum, max_grad_norm=self.max_grad_norm)
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"optim.warmup_steps must be in [0, optim.steps={self.steps}], got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = opt("runs/train", "where the adapter, metrics, plots and checkpoints go")
+    seed: int = opt(0, "seed of the data order and dropout")
+    save_every: int = opt(0, "write a resumable checkpoint every N steps (0: none)")
+    keep_checkpoints: int = opt(2, "keep the newest N checkpoints (0: all)")
+    log_every: int = opt(1, "append to metrics.jsonl every N steps")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% slower)")
+    precision: str = opt("auto", f"one of {PRECISIONS}; auto: bf16 autocast on GPU, fp32 on CPU")
+    device: str = opt("auto", "auto, cpu or cuda")
+    strategy: str = opt("ddp", "multi-process strategy under torchrun: ddp, or fsdp (GPUs only)")
+    resume: bool = opt(False, "continue the run in output_dir from its newest checkpoint")
+    overwrite: bool = opt(False, "replace the run in output_dir")
+    progress: bool = opt(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if self.save_every < 0 or self.keep_checkpoints < 0:
+            raise ValueError("run.save_every and run.keep_checkpoints must be >= 0")
+        _positive("run", log_every=self.log_every)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"run.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"run.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"run.strategy must be ddp or fsdp, got {self.strategy!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("run.resume and run.overwrite exclude each other: pick one")
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = opt([], "after training evaluate on: heldout (the task's held-out split), mmlu, "
+                               "gsm_original, or another task name")
+    limit: int | None = opt(None, "at most this many examples per eval set other than mmlu (empty: all)")
+    mmlu_limit: int | None = opt(None, "at most this many MMLU dev questions (empty: all 282)")
+    max_new_tokens: int = opt(256, "generation budget for math answers")
+    batch_size: int = opt(8, "eval batch size")
+
+    def __post_init__(self) -> None:
+        _positive("eval", limit=self.limit, mmlu_limit=self.mmlu_limit, max_new_tokens=self.max_new_tokens,
+                  batch_size=self.batch_size)
+
+
+@dataclass
+class TrainConfig:
+    """``dude train``: fine-tune one adapter."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class EvalTarget:
+    adapter: str | None = opt(None, "adapter directory (dude train / dude.save, or PEFT LoRA/DoRA) to evaluate "
+                                    "on top of model.name_or_path (empty: the model alone, base or merged)")
+    output_dir: str = opt("runs/eval", "where eval.json goes")
+    overwrite: bool = opt(False, "replace an existing eval.json")
+
+
+@dataclass
+class EvalCommandConfig:
+    """``dude eval``: a base model, an adapter, or a merged model on eval sets.
+    ``data`` says which task 'heldout' refers to."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    target: EvalTarget = field(default_factory=EvalTarget)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(tasks=["heldout", "mmlu"]))
+
+
+@dataclass
+class ExportTarget:
+    adapter: str = opt("", "adapter directory written by dude train / dude.save (required)")
+    output_dir: str = opt("", "merged model folder to write (required)")
+    overwrite: bool = opt(False, "replace a non-empty output_dir")
+
+    def __post_init__(self) -> None:
+        if not self.adapter:
+            raise ValueError("export.adapter is required: the adapter directory to merge (--adapter DIR)")
+        if not self.output_dir:
+            raise ValueError("export.output_dir is required: where to write the merged model (--output-dir DIR)")
+
+
+@dataclass
+class ExportConfig:
+    """``dude export``: adapter directory -> merged transformers model folder."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    export: ExportTarget = field(default_factory=ExportTarget)

@@ -1,0 +1,112 @@
+"""Process group, device and model wrapping for single- and multi-process training.
+
+Launched by ``torchrun`` or ``accelerate launch`` (they set ``RANK`` / ``WORLD_SIZE`` /
+``LOCAL_RANK`` / ``MASTER_ADDR``), training joins a process group: NCCL on GPUs, gloo on
+CPU. Strategies:
+
+- ``ddp`` (default): every rank holds the whole model; only the adapter tensors are
+  trainable, so DDP all-reduces just their gradients (a few MB).
+- ``fsdp``: ``torch.distributed.fsdp.fully_shard`` (FSDP2, torch >= 2.6) on each decoder
+  layer and on the root, which shards the frozen base weights too: the option for a 7B
+  model that does not fit on one GPU. FSDP2 handles a mix of frozen and trainable
+  parameters in one unit. Checkpoints gather the full adapter tensors on every rank.
+  It needs GPUs (NCCL); on CPU use ``ddp``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto") -> Dist:
+    """Join the process group if launched by torchrun; pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device is 'cuda' but torch sees no GPU; use --device cpu or auto")
+    dev = torch.device(device, local_rank) if device == "cuda" else torch.device(device)
+    if device == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=60))  # rank 0 evaluates alone
+    return Dist(rank, world_size, local_rank, dev)
+
+
+def teardown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def mean_across(d: Dist, value: float) -> float:
+    """The mean of a float over ranks (for logging)."""
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.item() / d.world_size
+
+
+def any_across(d: Dist, flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any (to stop all ranks together)."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([float(flag)], device=d.device if d.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
+    """The model as trained: itself alone, under DDP, or sharded with FSDP2."""
+    if not d.enabled:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [d.device.index] if d.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if strategy == "fsdp":
+        if d.device.type != "cuda":
+            raise ValueError("run.strategy 'fsdp' needs GPUs (NCCL); use 'ddp' on CPU")
+        from torch.distributed.fsdp import fully_shard
+
+        for module in model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                fully_shard(module)
+        fully_shard(model)
+        return model
+    raise ValueError(f"run.strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model

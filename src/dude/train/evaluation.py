@@ -1,0 +1,53 @@
+"""Evaluate a model on the eval sets of ``eval.tasks``: math by exact match of greedy
+answers, multiple choice by the log-likelihood of the answer letter (``dude.evaluate``)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from ..data import task_kind
+from .config import DataConfig, EvalConfig
+from .tasks import eval_examples
+
+
+def evaluate_tasks(cfg: EvalConfig, data: DataConfig, model: Any, tokenizer: Any,
+                   log: bool = True) -> dict[str, Any]:
+    """``{task: {"accuracy", "n", "correct", "seconds", ...}}``, predictions included."""
+    from ..evaluate import evaluate_math, evaluate_multiple_choice
+
+    was_training = model.training
+    model.eval()
+    results: dict[str, Any] = {}
+    try:
+        for name in cfg.tasks:
+            examples = eval_examples(name, data, cfg.mmlu_limit if name in ("mmlu", "mmlu_dev") else cfg.limit)
+            start = time.perf_counter()
+            with torch.no_grad():
+                if task_kind(examples) == "math":
+                    result = evaluate_math(model, tokenizer, examples, batch_size=cfg.batch_size,
+                                           max_new_tokens=cfg.max_new_tokens, chat=data.chat)
+                elif task_kind(examples) == "multiple_choice":
+                    result = evaluate_multiple_choice(model, tokenizer, examples, batch_size=cfg.batch_size,
+                                                      chat=data.chat)
+                else:
+                    raise ValueError(f"eval task {name!r} holds instruction data (prompt/response): "
+                                     "there is no answer to score; evaluate math or multiple-choice data")
+            result["seconds"] = round(time.perf_counter() - start, 2)
+            results[name] = result
+            if log:
+                print(f"eval {name}: accuracy {result['accuracy']:.3f} ({result['correct']}/{result['n']}) "
+                      f"in {result['seconds']:.0f} s")
+    finally:
+        model.train(was_training)
+    return results
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """A short plain-text table of accuracies."""
+    rows = [("task", "accuracy", "correct", "n")]
+    rows += [(k, f"{v['accuracy']:.3f}", str(v["correct"]), str(v["n"])) for k, v in results.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)

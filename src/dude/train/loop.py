@@ -1,0 +1,251 @@
+"""The training loop of ``dude train``: AdamW, warmup + cosine, accumulation, clipping,
+checkpoints that resume bit-exactly, and a stop on a non-finite loss.
+
+One process or many (torchrun: DDP, or FSDP2 on GPUs, see ``distributed.py``). Only rank 0
+writes files. The data order is a pure function of (seed, step) (``batches.py``), so a
+checkpoint needs no sampler state.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import patch
+from ..io import save as save_adapter
+from . import checkpoint, distributed, optim, rundir
+from .batches import DataOrder
+from .config import TrainConfig
+from .options import to_dict
+from .progress import Progress
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the gradient norm) became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_loss: float
+    wall_time_s: float
+    peak_memory_mb: float
+    eval: dict[str, Any] | None = None
+
+
+@dataclass
+class _State:
+    model: nn.Module  # unwrapped, with dude adapters
+    wrapped: nn.Module  # what runs forward (DDP / FSDP / itself)
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    step: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = None,
+          examples: list[dict[str, list[int]]] | None = None,
+          collate: Callable[[list[dict]], dict[str, torch.Tensor]] | None = None) -> TrainResult:
+    """Fine-tune ``cfg.adapter`` on ``cfg.data`` and write the run to ``cfg.run.output_dir``.
+
+    ``model``/``tokenizer`` (a base model without adapters) and ``examples`` (token ids and
+    labels, -100 where no loss) may be passed in; otherwise they come from the config.
+    """
+    from ..hub import load_model
+
+    start = time.perf_counter()
+    d = distributed.setup(cfg.run.device)
+    out = Path(cfg.run.output_dir)
+    resolved = to_dict(cfg)
+    rundir.prepare(out, resolved, cfg.run.resume, cfg.run.overwrite, clear=d.is_main)
+    distributed.barrier(d)
+    seed_everything(cfg.run.seed + d.rank)
+    if model is None:
+        model, tokenizer = load_model(cfg.model.name_or_path, dtype=getattr(torch, cfg.model.dtype))
+    if examples is None:
+        from .tasks import training_set
+
+        examples, collate = training_set(cfg.data, tokenizer, log=d.is_main)
+    collate = collate or pad_collate(tokenizer.pad_token_id)
+    state = _setup(cfg, model, d)
+    resumed = _maybe_resume(cfg, state, d) if cfg.run.resume else None
+    if d.is_main:
+        rundir.write_config(out, resolved)
+    metrics = rundir.MetricsLog(out / "metrics.jsonl", resumed) if d.is_main else None
+    order = DataOrder(len(examples), cfg.optim.batch_size, cfg.optim.grad_accum, d.world_size, cfg.run.seed)
+    last_loss = _run_steps(cfg, state, d, order, examples, collate, metrics, out)
+    result = TrainResult(out, state.step, last_loss, 0.0, optim.peak_memory_mb(d.device))
+    if d.is_main:
+        save_adapter(state.model, out)
+        _finish(cfg, out, result, start, sum(p.numel() for p in state.params))
+    distributed.barrier(d)
+    if cfg.eval.tasks and d.is_main:
+        from .evaluation import evaluate_tasks
+
+        state.model.eval()
+        # merged first: the deployed model, and generation skips the per-step norm of DoRA/DuDe
+        result.eval = evaluate_tasks(cfg.eval, cfg.data, patch.merge(state.model), tokenizer)
+        rundir.write_json(out / "eval.json", result.eval)
+    distributed.barrier(d)
+    distributed.teardown(d)
+    return result
+
+
+def _setup(cfg: TrainConfig, model: nn.Module, d: distributed.Dist) -> _State:
+    patch.apply(model, cfg.adapter)
+    model.to(d.device)
+    if cfg.run.gradient_checkpointing:
+        # non-reentrant checkpointing needs no input grads with a frozen embedding
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+    model.train()
+    params = patch.adapter_parameters(model)
+    optimizer = optim.build_optimizer(params, cfg.optim)
+    scheduler = optim.build_scheduler(optimizer, cfg.optim)
+    wrapped = distributed.wrap(model, d, cfg.run.strategy)
+    return _State(model, wrapped, params, optimizer, scheduler)
+
+
+def _maybe_resume(cfg: TrainConfig, state: _State, d: distributed.Dist) -> int | None:
+    found = checkpoint.list_checkpoints(Path(cfg.run.output_dir))
+    if not found:
+        if d.is_main:
+            print(f"--resume: no checkpoint in {cfg.run.output_dir}/checkpoints; starting from step 0")
+        return 0
+    step, path = found[-1]
+    saved = checkpoint.load(path)
+    patch.load_adapter_state_dict(state.model, saved["adapter"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    rngs = saved["rng"]
+    if len(rngs) == d.world_size:
+        checkpoint.set_rng_state(rngs[d.rank])
+    else:  # a different world size cannot continue the same random streams
+        seed_everything(cfg.run.seed + d.rank + 1_000_003 * step)
+    state.step = step
+    if d.is_main:
+        print(f"--resume: continuing from {path} (step {step} of {cfg.optim.steps})")
+    return step
+
+
+def _save_checkpoint(cfg: TrainConfig, state: _State, d: distributed.Dist, out: Path) -> None:
+    rng = checkpoint.rng_state()
+    rngs = [rng]
+    if d.enabled:
+        rngs = [None] * d.world_size
+        torch.distributed.all_gather_object(rngs, rng)
+    if d.is_main:
+        checkpoint.save(out, state.step, {
+            "step": state.step,
+            "adapter": {k: v.detach().cpu().clone() for k, v in patch.adapter_state_dict(state.model).items()},
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "rng": rngs,
+        }, cfg.run.keep_checkpoints)
+
+
+def _run_steps(cfg: TrainConfig, state: _State, d: distributed.Dist, order: DataOrder, examples: list,
+               collate: Callable, metrics: rundir.MetricsLog | None, out: Path) -> float:
+    o = cfg.optim
+    scaler = optim.grad_scaler(cfg.run.precision, d.device)
+    bar = Progress(o.steps, state.step, enabled=cfg.run.progress and d.is_main)
+    began, last_loss = time.perf_counter(), float("nan")
+    while state.step < o.steps:
+        t0 = time.perf_counter()
+        loss_sum, tokens = 0.0, 0
+        for micro in range(o.grad_accum):
+            batch = collate([examples[i] for i in order.micro_batch(state.step, micro, d.rank)])
+            batch = {k: v.to(d.device) for k, v in batch.items()}
+            last_micro = micro == o.grad_accum - 1
+            sync = nullcontext() if last_micro or not hasattr(state.wrapped, "no_sync") else state.wrapped.no_sync()
+            with sync:
+                with optim.autocast(cfg.run.precision, d.device):
+                    loss = state.wrapped(**batch).loss
+                scaled = loss / o.grad_accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            loss_sum += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        loss_mean = distributed.mean_across(d, loss_sum / o.grad_accum)
+        if scaler:
+            scaler.unscale_(state.optimizer)
+        norm = nn.utils.clip_grad_norm_(state.params, o.max_grad_norm if o.max_grad_norm else math.inf)
+        if not math.isfinite(loss_mean) or (scaler is None and not math.isfinite(float(norm))):
+            _diverged(cfg, state, loss_mean, float(norm), out, bar)
+        if scaler:
+            scaler.step(state.optimizer)
+            scaler.update()
+        else:
+            state.optimizer.step()
+        lr = state.scheduler.get_last_lr()[0]
+        state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        last_loss = loss_mean
+        dt = time.perf_counter() - t0
+        tok_s = tokens * d.world_size / dt
+        bar.update(loss=loss_mean, lr=lr, tok_s=tok_s)
+        if metrics is not None and (state.step % cfg.run.log_every == 0 or state.step == o.steps):
+            metrics.append({"step": state.step, "loss": round(loss_mean, 6), "lr": lr, "tokens_per_s": round(tok_s, 1),
+                            "grad_norm": round(float(norm), 6), "epoch": round(order.epoch_of(state.step), 4),
+                            "elapsed_s": round(metrics.elapsed_before + time.perf_counter() - began, 3)})
+        if cfg.run.save_every and state.step % cfg.run.save_every == 0 and state.step < o.steps:
+            _save_checkpoint(cfg, state, d, out)
+    bar.close()
+    return last_loss
+
+
+def _diverged(cfg: TrainConfig, state: _State, loss: float, norm: float, out: Path, bar: Progress) -> None:
+    bar.close()
+    found = checkpoint.list_checkpoints(out)
+    kept = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was written (run.save_every)"
+    raise TrainingDiverged(
+        f"training stopped at step {state.step + 1}: loss is {loss}, gradient norm {norm}. Nothing was saved "
+        f"after the last good state; {kept}. Lower optim.lr (now {cfg.optim.lr:g}; PiSSA and DuDe start from "
+        f"large principal factors and need a smaller lr than LoRA) or set optim.max_grad_norm.")
+
+
+def _finish(cfg: TrainConfig, out: Path, result: TrainResult, start: float, trainable: int) -> None:
+    result.wall_time_s = time.perf_counter() - start
+    lines = rundir.read_lines(out / "metrics.jsonl")
+    rundir.plot_losses(out / "loss.png", {cfg.adapter.method: ([r["step"] for r in lines], [r["loss"] for r in lines])},
+                       f"{cfg.adapter.method} r={cfg.adapter.r}, lr={cfg.optim.lr:g}")
+    tail = [r["loss"] for r in lines[-5:]]
+    rundir.write_json(out / "summary.json", {
+        "method": cfg.adapter.method, "steps": result.steps, "final_loss": result.final_loss,
+        "final_loss_last5": sum(tail) / len(tail) if tail else None,
+        "wall_time_s": round(result.wall_time_s, 2), "peak_memory_mb": round(result.peak_memory_mb, 1),
+        "trainable_parameters": trainable,
+    })
+
+
+def pad_collate(pad_id: int) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """Right-pad ``input_ids`` with ``pad_id`` and ``labels`` with -100 (no loss on padding)."""
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):
+            k = len(r["input_ids"])
+            ids[i, :k] = torch.tensor(r["input_ids"])
+            labels[i, :k] = torch.tensor(r["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return collate
