@@ -64,7 +64,7 @@ class OptimConfig:
     lr: float = opt(2e-4, "peak learning rate (AdamW)")
     batch_size: int = opt(4, "examples per micro-batch per process")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    warmup_steps: int = opt(10, "linear warmup steps, then cosine decay")
+    warmup_ratio: float = opt(0.1, "linear warmup over this fraction of the steps, then cosine decay")
     min_lr_ratio: float = opt(0.0, "final lr as a fraction of the peak")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float | None = opt(1.0, "clip the gradient norm to this (empty: no clipping)")
@@ -72,12 +72,16 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _positive("optim", steps=self.steps, lr=self.lr, batch_size=self.batch_size,
                   grad_accum=self.grad_accum, max_grad_norm=self.max_grad_norm)
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(f"optim.warmup_steps must be in [0, optim.steps={self.steps}], got {self.warmup_steps}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.warmup_ratio * self.steps)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..data import task_kind
+from ..data.prompts import use_chat
 from .config import DataConfig, EvalConfig
 from .tasks import eval_examples
 
@@ -30,8 +31,10 @@ def evaluate_tasks(cfg: EvalConfig, data: DataConfig, model: Any, tokenizer: Any
                     result = evaluate_math(model, tokenizer, examples, batch_size=cfg.batch_size,
                                            max_new_tokens=cfg.max_new_tokens, chat=data.chat)
                 elif task_kind(examples) == "multiple_choice":
+                    # MMLU is scored as plain text; a trained task in the format it was trained in
+                    chat = False if name in ("mmlu", "mmlu_dev") else use_chat(tokenizer, data.chat)
                     result = evaluate_multiple_choice(model, tokenizer, examples, batch_size=cfg.batch_size,
-                                                      chat=data.chat)
+                                                      chat=chat)
                 else:
                     raise ValueError(f"eval task {name!r} holds instruction data (prompt/response): "
                                      "there is no answer to score; evaluate math or multiple-choice data")

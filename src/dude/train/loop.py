@@ -112,7 +112,10 @@ def _setup(cfg: TrainConfig, model: nn.Module, d: distributed.Dist) -> _State:
     model.to(d.device)
     if cfg.run.gradient_checkpointing:
         # non-reentrant checkpointing needs no input grads with a frozen embedding
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
     model.train()

@@ -145,10 +145,7 @@ def build(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
             kwargs[name] = value
         else:
             kwargs[name] = coerce(f"{where}{name}", value, hint)
-    try:
-        return cls(**kwargs)
-    except ValueError as err:
-        raise ValueError(f"{where.rstrip('.') or cls.__name__}: {err}") from None
+    return cls(**kwargs)  # __post_init__ errors name the option
 
 
 def to_dict(config: Any) -> dict[str, Any]:
