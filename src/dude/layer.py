@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import decompose
+from . import decompose, fused
 from .config import AdapterConfig
 
 
@@ -51,7 +51,14 @@ class AdapterLinear(nn.Module):
     The norm never forms ``B @ A``: see ``decompose.row_norm_factored``. With a detached
     norm, ``g`` is cached until a parameter changes (tracked by tensor version counters),
     so eval batches and gradient-accumulation micro-batches compute it once.
+
+    ``forward`` runs ``fused.AdapterFunction`` (one base matmul, the update accumulated in
+    place, the output saved instead of a pre-scale copy); ``fast_path = False`` on the class
+    or an instance selects ``forward_autograd``, the same formula by plain autograd ops,
+    which is also used under autocast.
     """
+
+    fast_path = True
 
     def __init__(
         self,
@@ -169,6 +176,17 @@ class AdapterLinear(nn.Module):
         return self.magnitude.to(torch.float32) / self._norm_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fast_path or torch.is_autocast_enabled(x.device.type):
+            return self.forward_autograd(x)
+        dropped = self.dropout(x)
+        scale = None if self.magnitude is None else self.magnitude_scale()  # (out,) float32
+        out = fused.adapter_forward(
+            x, None if dropped is x else dropped, self.residual, self.lora_A, self.lora_B, self.scaling, scale
+        )
+        return out if self.bias is None else out + self.bias
+
+    def forward_autograd(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function by plain autograd ops (used under autocast, and as a baseline)."""
         base = F.linear(x, self.residual)  # (..., out), one base matmul even with dropout
         hidden = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
         update = F.linear(hidden, self.lora_B * self.scaling)  # (..., out)
