@@ -167,7 +167,7 @@ def tiny_dir(tmp_path_factory, smollm2_dir) -> Path:
 
 def tiny_train_args(tiny: Path, out: Path, steps: int, *extra: str) -> list[str]:
     return ["train", "--name-or-path", str(tiny / "model"), "--task", "file", "--path", str(tiny / "math.jsonl"),
-            "--max-length", "96", "--method", "dude", "--r", "4", "--alpha", "8", "--dropout", "0.1",
+            "--max-length", "96", "--method", "dude", "--adapter.r", "4", "--alpha", "8", "--dropout", "0.1",
             "--steps", str(steps), "--lr", "5e-3", "--optim-batch-size", "2", "--grad-accum", "2",
             "--output-dir", str(out), "--no-progress", *extra]
 

@@ -3,7 +3,8 @@
 One dataclass tree serves the Python API, YAML files and ``--help`` (the litgpt habit):
 a top-level config is a dataclass whose fields are *sections* (dataclasses); every field
 of a section becomes a flag ``--field-name`` (``--section-field-name`` where two sections
-share a field name, e.g. ``--adapter-seed``). Values are checked against the type hints
+share a field name, e.g. ``--adapter-seed``), and also ``--section.field`` (``--adapter.r``:
+torchrun's parser mistakes ``--r`` for an abbreviation of its own options). Values are checked against the type hints
 here and then by each section's ``__post_init__``, so every error names the option.
 """
 
@@ -228,6 +229,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, help_fallback: dict[st
                 if typing.get_origin(hint) is Literal:
                     kwargs["choices"] = list(typing.get_args(hint))
             group.add_argument(flags[(section, f.name)], **kwargs)
+            # also --section.field, kept out of --help: unambiguous under torchrun's own parser
+            group.add_argument(f"--{section}.{f.name}", **{**kwargs, "help": argparse.SUPPRESS})
 
 
 def _key_value(text: str) -> tuple[str, Any]:
