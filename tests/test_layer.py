@@ -71,7 +71,7 @@ def test_magnitude_starts_at_the_row_norm_of_the_weight():
 
 
 def test_norm_cache_follows_parameter_updates():
-    layer = AdapterLinear.from_linear(_linear(), AdapterConfig(method="dora", r=3))
+    layer = AdapterLinear.from_linear(_linear(), AdapterConfig(method="dora", r=3)).eval()
     before = layer.magnitude_scale().clone()
     with torch.no_grad():
         layer.lora_B.add_(0.5)  # an in-place update, as an optimizer step
@@ -79,6 +79,27 @@ def test_norm_cache_follows_parameter_updates():
     assert not torch.allclose(before, after)
     dense = layer.residual + layer.scaling * layer.lora_B @ layer.lora_A
     torch.testing.assert_close(after, layer.magnitude / decompose.row_norm_dense(dense))
+
+
+def test_norm_is_fresh_after_fused_adamw_steps():
+    """torch's fused AdamW (HF Trainer's default) does not bump version counters."""
+    layer = AdapterLinear.from_linear(_linear(), AdapterConfig(method="dude", r=3)).eval()
+    x = torch.randn(5, 8)
+    layer(x)  # fills the eval cache
+    optimizer = torch.optim.AdamW(layer.adapter_params(), lr=0.1, fused=True)
+    layer.train()
+    for _ in range(2):
+        layer(x).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        dense = layer.residual + layer.scaling * layer.lora_B @ layer.lora_A
+        expected = layer.magnitude / decompose.row_norm_dense(dense)
+        torch.testing.assert_close(layer.magnitude_scale(), expected)
+    layer.eval()
+    torch.testing.assert_close(layer.magnitude_scale(), expected)
+    ref = decompose.reference_forward(x, layer.residual, layer.bias, layer.lora_A, layer.lora_B,
+                                      layer.scaling, layer.magnitude)
+    torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -48,9 +48,9 @@ class AdapterLinear(nn.Module):
     float32 when the base is half precision (as PEFT's ``autocast_adapter_dtype``).
     ``lora_A0``/``lora_B0`` keep the initial factors of PiSSA and DuDe for exact export.
 
-    The norm never forms ``B @ A``: see ``decompose.row_norm_factored``. With a detached
-    norm, ``g`` is cached until a parameter changes (tracked by tensor version counters),
-    so eval batches and gradient-accumulation micro-batches compute it once.
+    The norm never forms ``B @ A``: see ``decompose.row_norm_factored``. In eval mode with
+    a detached norm, ``g`` is cached across batches until a parameter changes (tracked by
+    tensor version counters, and dropped on every ``train()``/``eval()`` switch).
 
     ``forward`` runs ``fused.AdapterFunction`` (one base matmul, the update accumulated in
     place, the output saved instead of a pre-scale copy); ``fast_path = False`` on the class
@@ -169,11 +169,23 @@ class AdapterLinear(nn.Module):
         """``g = m / ||W_res + s B A||_row`` (out,), float32."""
         if not self.detach_norm:
             return self.magnitude.to(torch.float32) / self.weight_row_norm()
+        if self.training:
+            # No cache while training: fused optimizers (torch's fused AdamW, as HF Trainer
+            # picks) update parameters without bumping their version counters.
+            with torch.no_grad():
+                norm = self.weight_row_norm()
+            return self.magnitude.to(torch.float32) / norm
         key = tuple((t.data_ptr(), t._version) for t in (self.residual, self.lora_A, self.lora_B))
         if self._norm_cache is None or self._norm_cache[0] != key:
             with torch.no_grad():
                 self._norm_cache = (key, self.weight_row_norm())
         return self.magnitude.to(torch.float32) / self._norm_cache[1]
+
+    def train(self, mode: bool = True) -> "AdapterLinear":
+        """Every switch of mode drops the cached norm: whatever stepped the parameters
+        in between, the first eval batch recomputes it."""
+        self._norm_cache = None
+        return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fast_path or torch.is_autocast_enabled(x.device.type):
