@@ -49,7 +49,7 @@ def _default_data() -> DataConfig:
 
 
 def _default_optim() -> OptimConfig:
-    return OptimConfig(steps=48, batch_size=4, warmup_steps=4, lr=2e-4)
+    return OptimConfig(steps=48, batch_size=4, warmup_ratio=0.1, lr=2e-4)
 
 
 def _default_eval() -> EvalConfig:

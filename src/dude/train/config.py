@@ -116,13 +116,19 @@ class RunConfig:
 @dataclass
 class EvalConfig:
     tasks: list[str] = opt([], "after training evaluate on: heldout (the task's held-out split), mmlu, "
-                               "gsm_original, or another task name")
+                               "gsm_original, file:<path> (math or multiple-choice file), or a task name")
     limit: int | None = opt(None, "at most this many examples per eval set other than mmlu (empty: all)")
     mmlu_limit: int | None = opt(None, "at most this many MMLU dev questions (empty: all 282)")
     max_new_tokens: int = opt(256, "generation budget for math answers")
     batch_size: int = opt(8, "eval batch size")
 
     def __post_init__(self) -> None:
+        from ..data import TASKS
+
+        known = ("heldout", "gsm_original", "mmlu", *(t for t in TASKS if t != "file"))
+        bad = [t for t in self.tasks if t not in known and not (t.startswith("file:") and len(t) > 5)]
+        if bad:
+            raise ValueError(f"eval.tasks: unknown eval set(s) {bad}; use {list(known)} or file:<path>")
         _positive("eval", limit=self.limit, mmlu_limit=self.mmlu_limit, max_new_tokens=self.max_new_tokens,
                   batch_size=self.batch_size)
 

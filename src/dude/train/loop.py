@@ -69,7 +69,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     """
     from ..hub import load_model
 
+    from .tasks import check_files
+
     start = time.perf_counter()
+    check_files(cfg.eval.tasks, cfg.data)
     d = distributed.setup(cfg.run.device)
     out = Path(cfg.run.output_dir)
     resolved = to_dict(cfg)

@@ -8,11 +8,14 @@ Eval set names (``eval.tasks``):
 - ``gsm_original``: the real GSM8K problems of the held-out templates.
 - ``mmlu``: the 282 MMLU dev questions (knowledge retention).
 - any task name of ``dude.data.TASKS``: its test split.
+- ``file:<path>``: a JSON/JSONL/parquet file of math or multiple-choice examples (format
+  from its columns), e.g. GSM8K's test set or MMLU's test set, where the user has them.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 from ..data import TASKS, build_sft_examples, collate_sft, load_task
@@ -56,6 +59,22 @@ def eval_examples(name: str, data: DataConfig, limit: int | None) -> list[dict]:
         return load_task("gsm_symbolic", "test_original", limit=limit, seed=data.split_seed)
     if name == "mmlu":
         return load_task("mmlu_dev", limit=limit)
+    if name.startswith("file:"):
+        return load_task("file", path=name[len("file:"):], limit=limit)
     if name in TASKS and name != "file":
         return load_task(name, "test", limit=limit, seed=data.split_seed)
-    raise ValueError(f"unknown eval task {name!r} in eval.tasks; use {list(EVAL_ALIASES)} or one of {list(TASKS)}")
+    raise ValueError(f"unknown eval task {name!r} in eval.tasks; use {list(EVAL_ALIASES)}, "
+                     f"file:<path>, or one of {list(TASKS)}")
+
+
+def check_files(tasks: list[str], data: DataConfig) -> None:
+    """Fail before loading the model or training, not after, on a data file that is not there."""
+    if data.task == "file" and not Path(data.path or "").is_file():
+        raise FileNotFoundError(f"data.path: the training file {data.path!r} does not exist")
+    paths = [(t, t[len("file:"):]) for t in tasks if t.startswith("file:")]
+    if "heldout" in tasks and data.task == "file":
+        paths.append(("heldout", data.eval_path or ""))
+    for name, path in paths:
+        if not path or not Path(path).is_file():
+            option = "data.eval_path" if name == "heldout" else "eval.tasks"
+            raise FileNotFoundError(f"{option}: eval set {name!r} needs a file, {path!r} is not one")
