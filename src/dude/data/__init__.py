@@ -1,0 +1,94 @@
+"""Real data for training and evaluation, and the tokenization for fine-tuning.
+
+    from dude.data import load_task, build_sft_examples, collate_sft
+    train = load_task("gsm_symbolic", "train")          # variants of 70 train templates
+    test = load_task("gsm_symbolic", "test_original")   # real GSM8K problems, other templates
+    mmlu = load_task("mmlu_dev")                         # 282 MMLU dev questions
+    siqa = load_task("bigbench_social_iqa", "test")     # seeded held-out split
+    mine = load_task("file", "train", path="data.jsonl", format="math")
+
+Tasks (``TASKS``): ``gsm_symbolic``, ``mmlu_dev``, ``gsm8k_fewshot``, ``bigbench_<name>``
+for each of ``BIGBENCH_TASKS``, and ``file`` (user JSON/JSONL/parquet).
+Example formats: see ``dude.data.prompts``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from .files import FILE_FORMATS, load_file
+from .gsm_symbolic import gsm_symbolic, template_split
+from .packages import BIGBENCH_TASKS, bigbench_examples, gsm8k_fewshot, mmlu_dev
+from .prompts import example_kind, prompt_and_response
+from .sft import IGNORE_INDEX, build_sft_examples, collate_sft
+
+__all__ = ["BIGBENCH_TASKS", "FILE_FORMATS", "IGNORE_INDEX", "TASKS", "build_sft_examples",
+           "collate_sft", "example_kind", "load_task", "prompt_and_response", "task_kind",
+           "template_split"]
+
+TASKS = ("gsm_symbolic", "mmlu_dev", "gsm8k_fewshot",
+         *(f"bigbench_{name}" for name in BIGBENCH_TASKS), "file")
+
+
+def _held_out(examples: list[dict], split: str, test_fraction: float, seed: int,
+              name: str) -> list[dict]:
+    """A seeded train/test cut of a task without an official split.
+
+    Examples that share a question text (BIG-bench repeats some inputs with other
+    choices) stay on one side, so no question is seen in both splits.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"{name}: unknown split {split!r}; choose 'train' or 'test'")
+    questions = sorted({ex["question"] for ex in examples})
+    random.Random(seed).shuffle(questions)
+    test_questions = set(questions[:round(len(questions) * test_fraction)])
+    chosen = [ex for ex in examples if (ex["question"] in test_questions) == (split == "test")]
+    random.Random(seed).shuffle(chosen)  # a limit then takes a random sample
+    return chosen
+
+
+def load_task(name: str, split: str = "train", *, limit: int | None = None,
+              seed: int = 0, test_fraction: float | None = None, **options: Any) -> list[dict]:
+    """Examples of a task.
+
+    Args:
+        name: one of ``TASKS``.
+        split: ``train`` or ``test`` (``gsm_symbolic`` also ``test_original`` and
+            ``train_original``; ``mmlu_dev`` and ``gsm8k_fewshot`` have one split, any
+            value is accepted; ``file`` ignores it: the file is the split).
+        limit: keep the first ``limit`` examples; splits come in a seeded random order.
+        seed: seed of the train/test cut.
+        test_fraction: share held out for test (default 0.3 for gsm_symbolic templates,
+            0.2 for BIG-bench examples).
+        options: ``file``: ``path`` (required) and ``format``; ``gsm_symbolic``:
+            ``variants_per_template``.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be positive, got {limit}")
+    if name == "gsm_symbolic":
+        examples = gsm_symbolic(split, test_fraction or 0.3, seed, **options)
+        random.Random(seed).shuffle(examples)  # mix templates, so a limit takes a random sample
+    elif name == "mmlu_dev":
+        examples = mmlu_dev()
+    elif name == "gsm8k_fewshot":
+        examples = gsm8k_fewshot()
+    elif name.startswith("bigbench_") and name[len("bigbench_"):] in BIGBENCH_TASKS:
+        all_examples = bigbench_examples(name[len("bigbench_"):])
+        examples = _held_out(all_examples, split, test_fraction or 0.2, seed, name)
+    elif name == "file":
+        if "path" not in options:
+            raise ValueError("task 'file' needs option 'path' (a JSON, JSONL or parquet file)")
+        return load_file(options["path"], options.get("format"), limit)
+    else:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    if options and name != "gsm_symbolic":
+        raise ValueError(f"task {name!r} takes no option(s) {sorted(options)}")
+    return examples[:limit] if limit is not None else examples
+
+
+def task_kind(examples: list[dict]) -> str:
+    """``math``, ``multiple_choice`` or ``instruction``, from the first example."""
+    if not examples:
+        raise ValueError("empty task: no examples")
+    return example_kind(examples[0])
