@@ -89,8 +89,11 @@ class AdapterFunction(torch.autograd.Function):
         if ctx.has_scale and ctx.needs_input_grad[6]:
             if ctx.has_pre_scale:
                 grad_scale = (grad * pre_scale).sum(0, dtype=torch.float32)
-            else:  # sum_t dz * (z / g): z is this function's output
-                grad_scale = (grad * out).sum(0, dtype=torch.float32) / scale.to(torch.float32)
+            else:
+                # sum_t dz * (z / g) = sum_t (dz g) * z / g^2: d_out is ours and used up, so
+                # the product reuses its buffer instead of allocating another (N, out).
+                g32 = scale.to(torch.float32)
+                grad_scale = d_out.mul_(out).sum(0, dtype=torch.float32).div_(g32 * g32)
             grad_scale = grad_scale.to(scale.dtype)
         return grad_x, grad_dropped, None, grad_a, grad_b, None, grad_scale
 

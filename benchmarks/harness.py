@@ -1,0 +1,130 @@
+"""Timing and memory plumbing shared by the benchmarks: interleaved rounds, stats, peak RSS.
+
+The machine is small and shared, so absolute times are noisy. Every comparison is made
+within one process and one run: each round times every case once, in a rotated order,
+so a burst of outside load hits all cases alike; we report median, min and max over
+rounds, and ratios of medians.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from typing import Callable
+
+import torch
+
+
+def stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved(cases: dict[str, Callable[[], None]], *, rounds: int, warmup: int = 1, device: str = "cpu",
+                log: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Time every case ``rounds`` times, one call of each per round, in a rotated order.
+
+    Returns ``{name: stats(wall seconds) | {"cpu": stats(process CPU seconds)}}``; CPU time
+    is less sensitive to other processes on a shared machine. ``warmup`` untimed rounds
+    come first.
+    """
+    names = list(cases)
+    for _ in range(warmup):
+        for name in names:
+            cases[name]()
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for k in range(rounds):
+        order = names[k % len(names):] + names[: k % len(names)]
+        for name in order:
+            synchronize(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            cases[name]()
+            synchronize(device)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+        if log:
+            log(f"  round {k + 1}/{rounds}: " + ", ".join(f"{n}={wall[n][-1]:.3f}s" for n in names))
+    return {name: {**stats(wall[name]), "cpu": stats(cpu[name])} for name in names}
+
+
+def ratio(results: dict[str, dict], num: str, den: str) -> float | None:
+    if num not in results or den not in results:
+        return None
+    return results[num]["median"] / results[den]["median"]
+
+
+# -- memory ------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def release_memory() -> None:
+    """Free what Python and glibc hold but do not use, so RSS reflects live tensors."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: RSS may keep freed pages, figures stay comparable within a run
+        pass
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_mib() -> float:
+    return _status_kib("VmRSS") / 1024
+
+
+def peak_rss_mib() -> float:
+    return _status_kib("VmHWM") / 1024
+
+
+# -- environment -------------------------------------------------------------------------
+
+
+def environment(device: str) -> dict:
+    import peft
+    import transformers
+
+    env = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.node(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name()
+    try:
+        env["loadavg_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return env
