@@ -77,3 +77,35 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     entry = cached_entry("entry", lambda out: calls.append((out / "f").write_text("ok")))
     assert (entry / "f").read_text() == "ok"
     assert cached_entry("entry", lambda out: calls.append(1)) == entry and len(calls) == 1
+
+
+_BUILDER = """
+import sys, time
+from pathlib import Path
+from dude.cache import cached_entry
+
+def build(out: Path) -> None:
+    with open(sys.argv[1], "a") as log:
+        log.write("build\\n")
+    time.sleep(1.0)  # both processes are inside cached_entry by now
+    (out / "weights").write_text("complete")
+
+print(cached_entry("shared", build))
+"""
+
+
+def test_concurrent_processes_build_once(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DUDE_CACHE": str(tmp_path / "cache")}
+    log = tmp_path / "builds.log"
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILDER, str(log)], env=env,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outputs[0] == outputs[1] == str(tmp_path / "cache" / "shared")
+    assert log.read_text() == "build\n"
+    assert (tmp_path / "cache" / "shared" / "weights").read_text() == "complete"
+    assert not [p for p in (tmp_path / "cache").iterdir() if ".tmp-" in p.name]
