@@ -1,0 +1,62 @@
+"""The paper-claims study, one command; rerunning it resumes (finished runs are cached).
+
+    python studies/paper_claims/run.py            # the full study (~3 h on 2 idle CPU cores)
+    python studies/paper_claims/run.py --quick    # a subset in < 20 min (REPORT-quick.md)
+    python studies/paper_claims/run.py --report   # only regenerate REPORT.md from finished runs
+
+Runs land in ``studies/paper_claims/runs/<config hash>/``; the report is rewritten after
+every run, so an interrupted study still has an up-to-date report of what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from plan import FULL, QUICK, StudyConfig, TaskBudget  # noqa: E402
+from report import write_report  # noqa: E402
+from runner import Study  # noqa: E402
+
+# A plumbing check in a few minutes: one task, two methods, one lr each, 3 steps.
+SMOKE = StudyConfig(
+    name="smoke",
+    tasks=[TaskBudget("bigbench_social_iqa", max_length=96, steps=3, batch_size=2, eval_limit=8,
+                      mmlu_limit=8, val_limit=8)],
+    methods=("lora", "dude"), lr_grid={"lora": [1e-3], "dude": [1e-4]}, seeds=[0], ranks=[4, 16],
+)
+STUDIES = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_const", const="quick", dest="study", default="full",
+                        help="the < 20 min subset (social_iqa, LoRA vs DuDe, 8 steps)")
+    parser.add_argument("--smoke", action="store_const", const="smoke", dest="study",
+                        help="a few-minute plumbing check")
+    parser.add_argument("--report", action="store_true", help="only regenerate the report")
+    parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
+    parser.add_argument("--root", type=Path, default=HERE, help="study folder (runs/, data/, report)")
+    args = parser.parse_args(argv)
+    study = Study(STUDIES[args.study], args.root)
+    report = args.root / ("REPORT.md" if args.study == "full" else f"REPORT-{args.study}.md")
+    if not args.report:
+        def after_each(message: str) -> None:
+            print(message, flush=True)
+            if "done" in message or "FAILED" in message:
+                write_report(study, report)
+
+        study.log = after_each
+        study.run(args.max_runs)
+        print(f"ran {study.ran}, failed {study.failed}, cached {study.skipped}", flush=True)
+    write_report(study, report)
+    print(f"wrote {report}", flush=True)
+    return 1 if study.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
