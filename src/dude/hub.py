@@ -69,7 +69,9 @@ def default_model_dir() -> Path:
 
 def _check_model_dir(path: Path) -> None:
     if not path.exists():
-        raise FileNotFoundError(f"load_model: model path {str(path)!r} does not exist")
+        raise FileNotFoundError(
+            f"load_model: model path {str(path)!r} does not exist (a local transformers folder "
+            "is expected; nothing is fetched from a model hub; None gives the built-in SmolLM2)")
     if not path.is_dir():
         raise ValueError(f"load_model: model path {str(path)!r} is not a folder "
                          "(expected a transformers model folder with config.json)")
