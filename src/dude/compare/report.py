@@ -74,9 +74,9 @@ def _aggregate(runs: list[dict[str, Any]], base: dict[str, float], cfg: CompareC
     ok = [r for r in runs if r["final_loss"] is not None]
     acc_names = sorted({k for r in ok for k in r["accuracy"]})
     accuracy = {k: _mean([r["accuracy"].get(k) for r in ok]) for k in acc_names}
-    retention = None
-    if "mmlu" in accuracy and "mmlu" in base:
-        retention = accuracy["mmlu"] - base["mmlu"]
+    # after - before, per eval set the base model ran too; "retention" is MMLU's
+    deltas = {k: accuracy[k] - base[k] for k in accuracy if k in base and accuracy[k] is not None}
+    retention = deltas.get("mmlu")
     summaries = [r["summary"] for r in ok]
     return {
         "lr": cfg.compare.lrs.get(runs[0]["method"], cfg.optim.lr) if runs else None,
@@ -86,6 +86,7 @@ def _aggregate(runs: list[dict[str, Any]], base: dict[str, float], cfg: CompareC
         "steps_to_target": _mean([r["steps_to_target"] for r in ok]),
         "accuracy": accuracy,
         "mmlu_before": base.get("mmlu"), "mmlu_after": accuracy.get("mmlu"), "retention": retention,
+        "accuracy_change": deltas,
         "train_wall_time_s": _mean([s["wall_time_s"] for s in summaries]),
         "peak_memory_mb": _mean([s["peak_memory_mb"] for s in summaries]),
         "trainable_parameters": summaries[0]["trainable_parameters"] if summaries else None,

@@ -82,7 +82,7 @@ def _base_eval(cfg: CompareConfig, root: Path) -> int:
         return 0
     print("\ncompare: evaluating the base model", flush=True)
     eval_cfg = EvalCommandConfig(model=cfg.model, target=EvalTarget(output_dir=str(root / "base"), overwrite=True),
-                                 data=cfg.data, eval=cfg.eval)
+                                 data=cfg.data, eval=dataclasses.replace(cfg.eval, tasks=cfg.compare.base_tasks))
     return _subprocess("eval", eval_cfg, root / "configs" / "base.yaml")
 
 
@@ -94,7 +94,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     _prepare_root(root, cfg, resolved)
     root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(root / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    base_code = _base_eval(cfg, root) if cfg.compare.base_eval and cfg.eval.tasks else None
+    base_code = _base_eval(cfg, root) if cfg.compare.base_tasks else None
     runs = [_train_one(cfg, root, m, s) for s in cfg.compare.seeds for m in cfg.compare.methods]
     result = report.build(cfg, root, runs, base_code, time.perf_counter() - start)
     write_json(root / "compare.json", result)
