@@ -105,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(text, end="")
         return 0
-    print(f"dude {args.command}: resolved config\n" + "\n".join("  " + line for line in text.splitlines()),
-          file=sys.stderr)
+    if os.environ.get("DUDE_CONFIG_LOGGED"):  # a child of dude compare: its config file is the log
+        print(f"dude {args.command} --config {args.config}", file=sys.stderr)
+    else:
+        print(f"dude {args.command}: resolved config\n" + "\n".join("  " + line for line in text.splitlines()),
+              file=sys.stderr)
     from .train import TrainingDiverged
 
     try:

@@ -49,7 +49,7 @@ def _subprocess(command: str, config: Any, path: Path) -> int:
     """``python -m dude.cli <command> --config <path>`` with the config written there."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DUDE_CONFIG_LOGGED="1")
     return subprocess.run([sys.executable, "-m", "dude.cli", command, "--config", str(path)], env=env).returncode
 
 

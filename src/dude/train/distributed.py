@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import datetime
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -86,7 +88,7 @@ def any_across(d: Dist, flag: bool) -> bool:
     return t.item() > 0
 
 
-def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
+def wrap(model: nn.Module, d: Dist, strategy: str, save_every: int = 0) -> nn.Module:
     """The model as trained: itself alone, under DDP, or sharded with FSDP2."""
     if not d.enabled:
         return model
@@ -96,6 +98,9 @@ def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
         ids = [d.device.index] if d.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     if strategy == "fsdp":
+        if save_every:
+            raise ValueError("run.save_every > 0 is not supported with run.strategy 'fsdp' (sharded optimizer "
+                             "state); use ddp, or save_every 0")
         if d.device.type != "cuda":
             raise ValueError("run.strategy 'fsdp' needs GPUs (NCCL); use 'ddp' on CPU")
         from torch.distributed.fsdp import fully_shard
@@ -110,3 +115,17 @@ def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Under FSDP2, every sharded module unsharded (full parameters) for the duration;
+    a no-op otherwise. Every rank must enter it (all-gathers)."""
+    sharded = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+    for module in sharded:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.reshard()

@@ -67,13 +67,23 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     ``model``/``tokenizer`` (a base model without adapters) and ``examples`` (token ids and
     labels, -100 where no loss) may be passed in; otherwise they come from the config.
     """
-    from ..hub import load_model
-
     from .tasks import check_files
 
     start = time.perf_counter()
     check_files(cfg.eval.tasks, cfg.data)
     d = distributed.setup(cfg.run.device)
+    try:
+        return _train(cfg, d, start, model, tokenizer, examples, collate)
+    finally:
+        distributed.teardown(d)
+
+
+def _train(cfg: TrainConfig, d: distributed.Dist, start: float, model: nn.Module | None, tokenizer: Any,
+           examples: list | None, collate: Callable | None) -> TrainResult:
+    from ..hub import load_model
+
+    if d.enabled and cfg.run.strategy == "fsdp" and cfg.eval.tasks:
+        raise ValueError("eval.tasks under run.strategy 'fsdp': evaluate afterwards with `dude eval --adapter DIR`")
     out = Path(cfg.run.output_dir)
     resolved = to_dict(cfg)
     rundir.prepare(out, resolved, cfg.run.resume, cfg.run.overwrite, clear=d.is_main)
@@ -94,10 +104,11 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     order = DataOrder(len(examples), cfg.optim.batch_size, cfg.optim.grad_accum, d.world_size, cfg.run.seed)
     last_loss = _run_steps(cfg, state, d, order, examples, collate, metrics, out)
     result = TrainResult(out, state.step, last_loss, 0.0, optim.peak_memory_mb(d.device))
+    with distributed.gathered(state.model):
+        if d.is_main:
+            save_adapter(state.model, out)
     if d.is_main:
-        save_adapter(state.model, out)
         _finish(cfg, out, result, start, sum(p.numel() for p in state.params))
-    distributed.barrier(d)
     if cfg.eval.tasks and d.is_main:
         from .evaluation import evaluate_tasks
 
@@ -106,7 +117,6 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         result.eval = evaluate_tasks(cfg.eval, cfg.data, patch.merge(state.model), tokenizer)
         rundir.write_json(out / "eval.json", result.eval)
     distributed.barrier(d)
-    distributed.teardown(d)
     return result
 
 
@@ -125,7 +135,7 @@ def _setup(cfg: TrainConfig, model: nn.Module, d: distributed.Dist) -> _State:
     params = patch.adapter_parameters(model)
     optimizer = optim.build_optimizer(params, cfg.optim)
     scheduler = optim.build_scheduler(optimizer, cfg.optim)
-    wrapped = distributed.wrap(model, d, cfg.run.strategy)
+    wrapped = distributed.wrap(model, d, cfg.run.strategy, cfg.run.save_every)
     return _State(model, wrapped, params, optimizer, scheduler)
 
 
