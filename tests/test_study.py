@@ -73,6 +73,8 @@ def test_config_key_is_the_resolved_config(tmp_path):
     assert len({config_key(a), config_key(other_lr), config_key(other_seed)}) == 3
     sweep = train_config(TINY, budget, "dude", 1e-4, 0, 16, "sweep", tmp_path)
     key = config_key(sweep)
+    elsewhere = train_config(TINY, budget, "dude", 1e-4, 0, 16, "sweep", tmp_path / "moved")
+    assert config_key(elsewhere) == key  # the same files under another study folder: the same runs
     Path(sweep.data.path).write_text(Path(sweep.data.path).read_text()[:-200] + "\n")
     assert config_key(sweep) != key  # the data file's content is part of the key
 
@@ -96,14 +98,16 @@ def test_study_runs_once_resumes_and_reports(tmp_path):
     assert len(fake.calls) == 5
     write_report(study, tmp_path / "REPORT.md")
     text = (tmp_path / "REPORT.md").read_text()
-    assert "Status: incomplete" in text and "waits for this method's lr sweep" in text
+    n_sweep = sum(len(v) for v in TINY.lr_grid.values())
+    total = 1 + n_sweep + 4 * 3 + 4 * 2
+    assert f"Status: incomplete: 5 of {total} runs finished; {total - 5} missing" in text
+    assert "wait for this method's lr sweep" in text
     assert "| **missing** |" in text
 
     study.run()  # the next sitting finishes the rest, without redoing the first five
     keys = [c["key"] for c in fake.calls]
     assert len(keys) == len(set(keys))
-    n_sweep = sum(len(v) for v in TINY.lr_grid.values())
-    assert len(keys) == 1 + n_sweep + 4 * 3 + 4 * 2
+    assert len(keys) == total
     assert study.best_lrs(TINY.tasks[0]) == BEST
     assert {c["lr"] for c in fake.calls if c["phase"] == "main" and c["method"] == "lora"} == {BEST["lora"]}
 

@@ -99,8 +99,12 @@ def config_key(cfg: TrainConfig | Any) -> str:
     for section, names in VOLATILE.items():
         for name in names:
             data.get(section, {}).pop(name, None)
+    files = _data_files(data)
+    for name in ("path", "eval_path"):  # the content counts, not where the study folder is
+        if data.get("data", {}).get(name):
+            data["data"][name] = Path(data["data"][name]).name
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
-    for path in _data_files(data):
+    for path in files:
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:12]
 
