@@ -104,6 +104,19 @@ def peak_rss_mib() -> float:
 # -- environment -------------------------------------------------------------------------
 
 
+def _git_state() -> str | None:
+    """``<commit>`` plus ``+dirty`` when src/ has uncommitted changes (figures then reflect them)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=root, capture_output=True, text=True)
+    except OSError:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def environment(device: str) -> dict:
     import peft
     import transformers
@@ -121,6 +134,7 @@ def environment(device: str) -> dict:
         "peft": peft.__version__,
         "device": device,
     }
+    env["git"] = _git_state()
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
     try:

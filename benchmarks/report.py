@@ -46,17 +46,21 @@ def _f(value: float | None, fmt: str = ".3f") -> str:
 
 def _step_table(key: str, step: dict, memory: dict) -> list[str]:
     lines = [f"**Training step, {key}** (forward + backward + AdamW; seconds over interleaved rounds)", "",
-             "| method | median | min | max | CPU s (median) | / dude-lora | / peft-dora+pissa | peak MiB | / dude-lora |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | median | min | max | CPU s (median) | / dude-lora | / peft-dora+pissa | peak RSS MiB | / dude-lora "
+             "| saved for backward MiB | / dude-lora |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base_t, peft_t = _median(step, "dude-lora"), _median(step, "peft-dora+pissa")
     base_m = memory.get("dude-lora", {}).get("peak_mib")
+    base_s = memory.get("dude-lora", {}).get("saved_for_backward_mib")
     for name in dict.fromkeys(list(step) + list(memory)):
         s = step.get(name)
         m = memory.get(name, {}).get("peak_mib")
+        saved = memory.get(name, {}).get("saved_for_backward_mib")
         lines.append(
             f"| {name} | {_f(s and s['median'])} | {_f(s and s['min'])} | {_f(s and s['max'])} | "
             f"{_f(s and s['cpu']['median'])} | {_f(_ratio(s and s['median'], base_t), '.2f')} | "
-            f"{_f(_ratio(s and s['median'], peft_t), '.2f')} | {_f(m, '.0f')} | {_f(_ratio(m, base_m), '.3f')} |")
+            f"{_f(_ratio(s and s['median'], peft_t), '.2f')} | {_f(m, '.0f')} | {_f(_ratio(m, base_m), '.3f')} | "
+            f"{_f(saved, '.0f')} | {_f(_ratio(saved, base_s), '.2f')} |")
     return lines + [""]
 
 
@@ -64,7 +68,7 @@ def markdown(doc: dict) -> str:
     env = doc["env"]
     out = [f"Run `{doc['mode']}` on {env['machine']} ({env['processor']}, {env['cpu_count']} CPUs, "
            f"{env['threads']} threads, device {env['device']}), {env['date']}; torch {env['torch']}, "
-           f"transformers {env['transformers']}, peft {env['peft']}; load average at start "
+           f"transformers {env['transformers']}, peft {env['peft']}, dude at {env.get('git')}; load average at start "
            f"{_f(env.get('loadavg_start', [None])[0], '.1f')}, at end {_f((env.get('loadavg_end') or [None])[0], '.1f')}.",
            "", "| target | measured | limit | met |", "|---|---:|---:|:---:|"]
     for t in doc["targets"]:

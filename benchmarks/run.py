@@ -39,7 +39,7 @@ PLANS = {
         "init_rounds": 5, "svd_settings": [(8, 48), (16, 48), (16, 112)],
     },
     "quick": {
-        "train_methods": KEY + ["dude-dude:autograd"],
+        "train_methods": KEY,
         "memory_methods": ["dude-lora", "dude-dude", "dude-dude:autograd", "peft-dora+pissa"],
         "rounds": 3, "memory_steps": 2,
         "layers": [(4096, 4096, 16)], "layer_methods": ["dude-lora", "dude-dude", "peft-dora+pissa"],
@@ -101,7 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="train,memory,inference,init", help="comma-separated sections")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    parser.add_argument("--from-json", type=Path, help="re-render the table (and README) from a results file")
     args = parser.parse_args(argv)
+    if args.from_json:
+        doc = json.loads(args.from_json.read_text())
+        doc["targets"] = report.targets(doc)
+        table = report.markdown(doc)
+        print(table)
+        if not args.no_readme:
+            report.update_readme(HERE / "README.md", table, args.from_json.resolve().relative_to(HERE))
+        return 0
 
     torch.set_num_threads(args.threads)
     mode = "quick" if args.quick else "full"

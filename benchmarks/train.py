@@ -9,6 +9,7 @@ prints one JSON line with the peak RSS of a child doing a few steps of one confi
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -52,6 +53,26 @@ def time_steps(spec: dict, methods: list[str], *, r: int, alpha: float, rounds: 
 # -- peak memory, one configuration per child process --------------------------------------
 
 
+def saved_for_backward_mib(model: torch.nn.Module, batch: dict) -> float:
+    """MiB autograd keeps for backward in one forward: unique storages, parameters and
+    buffers excluded. Deterministic, unlike RSS: the activation memory a method adds."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    loss.backward()
+    for p in model.parameters():
+        p.grad = None
+    return sum(seen.values()) / 2**20
+
+
 def _child(spec: dict, name: str, r: int, alpha: float, steps: int, device: str) -> dict:
     base, batch, targets = builders.workload(spec, device)
     model = builders.adapt(base, name, r=r, alpha=alpha, targets=targets, share=False).to(device)
@@ -71,7 +92,8 @@ def _child(spec: dict, name: str, r: int, alpha: float, steps: int, device: str)
     else:
         peak = harness.peak_rss_mib()
     return {"peak_mib": peak, "before_mib": before, "delta_mib": peak - before, "reset_ok": reset,
-            "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "saved_for_backward_mib": saved_for_backward_mib(model, batch)}
 
 
 def peak_memory(spec: dict, name: str, *, r: int, alpha: float, steps: int = 3, device: str = "cpu",
@@ -79,7 +101,10 @@ def peak_memory(spec: dict, name: str, *, r: int, alpha: float, steps: int = 3, 
     """Peak memory of ``steps`` training steps of one configuration, in a fresh process."""
     cmd = [sys.executable, "-m", "benchmarks.train", "--memory", json.dumps(spec), name, str(r), str(alpha),
            str(steps), device, str(threads or torch.get_num_threads())]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    # A fixed mmap threshold: large tensors are mapped and unmapped, never parked in glibc's
+    # heap, so RSS follows live memory instead of the allocator's history.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"memory child for {name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
