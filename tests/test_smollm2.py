@@ -125,14 +125,17 @@ def test_peft_loads_the_rank_2r_export(smollm2, smollm2_dir, tmp_path, method):
 def test_randomized_svd_matches_exact_principal_part(smollm2):
     base, _ = smollm2
     errors: dict[str, float] = {}
+    defaults = dude.AdapterConfig()  # the randomized SVD as apply() runs it
+    blocks = (".0.", ".10.", ".20.", ".29.")  # a sample of blocks: the full sweep is benchmarks/init_svd.py
     for name, module in base.named_modules():
         kind = name.rsplit(".", 1)[-1]
-        if kind not in TARGETS:
+        if kind not in TARGETS or not any(b in name for b in blocks):
             continue
         w = module.weight.detach()
         exact = decompose.top_singular(w, 16)
-        fast = decompose.top_singular(w, 16, randomized=True, seed=0)
-        assert all(torch.equal(a, b) for a, b in zip(fast, decompose.top_singular(w, 16, randomized=True, seed=0)))
+        options = dict(randomized=True, niter=defaults.svd_niter, oversample=defaults.svd_oversample, seed=0)
+        fast = decompose.top_singular(w, 16, **options)
+        assert all(torch.equal(a, b) for a, b in zip(fast, decompose.top_singular(w, 16, **options)))
         part = lambda u, s, vh: u * s @ vh  # noqa: E731  the principal part s*B0@A0
         err = (torch.linalg.norm(part(*fast) - part(*exact)) / torch.linalg.norm(part(*exact))).item()
         errors[kind] = max(errors.get(kind, 0.0), err)

