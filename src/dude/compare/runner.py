@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -96,7 +97,10 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     write_text_atomic(root / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     base_code = _base_eval(cfg, root) if cfg.compare.base_tasks else None
     runs = [_train_one(cfg, root, m, s) for s in cfg.compare.seeds for m in cfg.compare.methods]
-    result = report.build(cfg, root, runs, base_code, time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    if cfg.run.resume and (root / "compare.json").is_file():  # count the time of the runs before
+        wall += json.loads((root / "compare.json").read_text()).get("wall_time_s", 0.0)
+    result = report.build(cfg, root, runs, base_code, wall)
     write_json(root / "compare.json", result)
     table = report.table(result)
     write_text_atomic(root / "compare.md", table + "\n")

@@ -48,8 +48,18 @@ def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | 
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated, or this process's peak resident set size on CPU."""
+    """Peak GPU memory allocated, or this process's peak resident set size on CPU.
+
+    On Linux the high-water mark comes from /proc (VmHWM): ``ru_maxrss`` survives exec, so
+    a process started by a big parent (pytest, a notebook) would report the parent's peak.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
