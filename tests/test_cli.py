@@ -127,3 +127,11 @@ def test_compare_end_to_end(tmp_path, smollm2_dir, capsys):
     assert main(["compare", "--config", config, "--name-or-path", str(smollm2_dir), "--output-dir", str(out),
                  "--resume"]) == 0
     assert "lora-seed0 finished before, kept" in capsys.readouterr().out
+
+
+def test_report_smoothing_and_steps_to_target():
+    from dude.compare.report import smoothed, steps_to
+
+    curve = smoothed([4.0, 2.0, 3.0, 1.0], window=2)
+    assert curve == [4.0, 3.0, 2.5, 2.0]
+    assert steps_to(2.5, [1, 2, 3, 4], curve) == 3 and steps_to(1.0, [1, 2, 3, 4], curve) is None
