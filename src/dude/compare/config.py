@@ -11,9 +11,9 @@ from ..train.options import opt
 
 # PiSSA and DuDe start from the principal singular factors (large, ||B0 A0|| ~ ||W||_top-r),
 # so the same step moves them much further than LoRA's zero-initialised B: their paper
-# recipes use smaller lrs than LoRA's usual 2e-4. For a 32-step run on a 135M model LoRA and
-# DoRA need a large lr to move at all from B = 0; PiSSA and DuDe train fastest around 1e-4
-# and diverge from ~1e-3. Each method runs at its own sensible lr, not at a shared one.
+# recipes use smaller lrs than LoRA's usual 2e-4. A prior, not a sweep: LoRA/DoRA get a
+# large lr so that 32 steps move them at all; PiSSA/DuDe 10x less. Not tuned on this
+# machine (studies/paper_claims sweeps a grid around these values); override with --lrs.
 DEFAULT_LRS = {"lora": 1e-3, "dora": 1e-3, "pissa": 1e-4, "dude": 1e-4}
 
 
