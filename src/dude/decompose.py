@@ -107,10 +107,11 @@ def row_norm_factored(
     the residual is frozen.
     """
     a32, b32 = lora_a.to(torch.float32), lora_b.to(torch.float32)
-    cross = (_times_transpose_fp32(residual, a32) * b32).sum(dim=1)  # (out,)
+    # Both terms as one (out, r) matrix, 2s W_res A^T + s^2 B (A A^T), then one row-wise dot
+    # with B: few ops, since this runs on every training forward of every layer.
     gram = a32 @ a32.T  # (r, r)
-    update_sq = ((b32 @ gram) * b32).sum(dim=1)  # (out,)
-    sq = residual_sq_norm + 2.0 * scaling * cross + (scaling * scaling) * update_sq
+    terms = torch.addmm(_times_transpose_fp32(residual, a32), b32, gram, beta=2.0 * scaling, alpha=scaling * scaling)
+    sq = torch.linalg.vecdot(terms, b32, dim=1) + residual_sq_norm  # (out,)
     return sq.clamp_min(0.0).sqrt()
 
 
