@@ -19,7 +19,9 @@ STUDY_DIR = Path(__file__).resolve().parents[1] / "studies" / "paper_claims"
 sys.path.insert(0, str(STUDY_DIR))
 
 from claims import compare  # noqa: E402
-from plan import StudyConfig, TaskBudget, config_key, train_config  # noqa: E402
+import yaml  # noqa: E402
+from dude.train.options import to_dict  # noqa: E402
+from plan import StudyConfig, TaskBudget, config_key, saved_key, train_config  # noqa: E402
 from report import write_report  # noqa: E402
 from runner import Study  # noqa: E402
 
@@ -68,11 +70,18 @@ def test_config_key_is_the_resolved_config(tmp_path):
     a = train_config(TINY, budget, "dude", 1e-4, 0, 16, "main", tmp_path)
     moved = dataclasses.replace(a, run=dataclasses.replace(a.run, output_dir="elsewhere", overwrite=True))
     assert config_key(a) == config_key(moved)  # where it is written does not change the result
+    lora = train_config(TINY, budget, "lora", 1e-3, 0, 16, "main", tmp_path)
+    other_svd = dataclasses.replace(lora.adapter, svd_niter=3)
+    assert config_key(dataclasses.replace(lora, adapter=other_svd)) == config_key(lora)  # LoRA does no SVD
+    assert config_key(dataclasses.replace(a, adapter=dataclasses.replace(a.adapter, svd_niter=3))) != config_key(a)
     other_lr = dataclasses.replace(a, optim=dataclasses.replace(a.optim, lr=2e-4))
     other_seed = train_config(TINY, budget, "dude", 1e-4, 1, 16, "main", tmp_path)
     assert len({config_key(a), config_key(other_lr), config_key(other_seed)}) == 3
     sweep = train_config(TINY, budget, "dude", 1e-4, 0, 16, "sweep", tmp_path)
     key = config_key(sweep)
+    (tmp_path / "run").mkdir()  # the key survives the YAML round trip of run-config.yaml (alpha 16 vs 16.0)
+    (tmp_path / "run" / "run-config.yaml").write_text(yaml.safe_dump(to_dict(sweep), sort_keys=False))
+    assert saved_key(tmp_path / "run") == key
     elsewhere = train_config(TINY, budget, "dude", 1e-4, 0, 16, "sweep", tmp_path / "moved")
     assert config_key(elsewhere) == key  # the same files under another study folder: the same runs
     Path(sweep.data.path).write_text(Path(sweep.data.path).read_text()[:-200] + "\n")

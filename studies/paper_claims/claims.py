@@ -126,7 +126,8 @@ def claims(methods: dict[str, dict[str, dict]], ranks: dict[str, dict[str, dict[
     kind = {"gsm_symbolic": "math (GSM-symbolic held-out templates)"}
     for task in methods:
         v, text = pairwise(task, "heldout", True, others)
-        label = kind.get(task, f"the multiple-choice task ({task})")
+        label = kind.get(task, f"the multiple-choice task ({task}; our stand-in for the paper's knowledge/MMLU "
+                               "training claim)")
         rows.append({"claim": f"Higher held-out accuracy on {label} than LoRA, DoRA, PiSSA", "verdict": v,
                      "numbers": text + " (% correct)"})
     if "gsm_symbolic" in methods:

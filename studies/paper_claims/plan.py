@@ -95,10 +95,16 @@ QUICK = StudyConfig(
 
 def config_key(cfg: TrainConfig | Any) -> str:
     """12 hex digits of sha256 over the resolved config and the data files it reads."""
-    data = to_dict(cfg)
+    from dude.train.options import build
+
+    # canonical types first (alpha 16 and 16.0 are one config), as a YAML round trip gives them
+    data = to_dict(build(type(cfg), to_dict(cfg)))
     for section, names in VOLATILE.items():
         for name in names:
             data.get(section, {}).pop(name, None)
+    if data.get("adapter", {}).get("method") in ("lora", "dora"):
+        for name in ("svd", "svd_niter", "svd_oversample"):  # only PiSSA/DuDe factor W by SVD
+            data["adapter"].pop(name, None)
     files = _data_files(data)
     for name in ("path", "eval_path"):  # the content counts, not where the study folder is
         if data.get("data", {}).get(name):
@@ -107,6 +113,20 @@ def config_key(cfg: TrainConfig | Any) -> str:
     for path in files:
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:12]
+
+
+def saved_key(run_dir: Path) -> str | None:
+    """The key of a finished run from its saved config (to re-file runs after a key change)."""
+    import yaml
+
+    from dude.train.config import EvalCommandConfig
+    from dude.train.options import build
+
+    path = run_dir / "run-config.yaml"
+    if not path.is_file():
+        return None
+    raw = yaml.safe_load(path.read_text())
+    return config_key(build(EvalCommandConfig if "target" in raw else TrainConfig, raw))
 
 
 def _data_files(data: dict[str, Any]) -> list[str]:
@@ -145,7 +165,8 @@ def split_files(budget: TaskBudget, data_dir: Path) -> tuple[Path, Path]:
 def train_config(study: StudyConfig, budget: TaskBudget, method: str, lr: float, seed: int, r: int,
                  phase: str, data_dir: Path) -> TrainConfig:
     """The full ``dude train`` config of one run (output_dir is set by the runner)."""
-    adapter = AdapterConfig(method=method, r=r, alpha=r, seed=seed, svd="randomized")
+    # SVD settings pinned, so a change of the library's defaults cannot change a run silently
+    adapter = AdapterConfig(method=method, r=r, alpha=r, seed=seed, svd="randomized", svd_niter=10, svd_oversample=8)
     optim = OptimConfig(steps=budget.steps, lr=lr, batch_size=budget.batch_size, warmup_ratio=0.1)
     run = RunConfig(output_dir="", seed=seed, progress=False, device="cpu")
     if phase == "sweep":

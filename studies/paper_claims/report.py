@@ -108,7 +108,11 @@ def _setup(study: Any) -> list[str]:
               "held-out accuracy; MMLU-dev accuracy after minus before (retention); training wall time; peak "
               "memory (RSS, per run process).",
               "- **Machine**: 2 CPU cores, shared with other jobs while the study ran, so wall times are noisy "
-              "and comparable only as ratios.", ""]
+              "and comparable only as ratios. Each run is its own process with one thread (`STUDY_THREADS` "
+              "overrides).",
+              "- **Cache**: `runs/<key>/`, key = sha256 of the resolved `dude train` config (minus output paths; "
+              "minus SVD options for LoRA/DoRA, which do no SVD) and of the data files it reads. A change of a "
+              "library default changes the key, so such runs are redone rather than mixed.", ""]
     return lines
 
 
