@@ -131,7 +131,7 @@ def test_study_runs_once_resumes_and_reports(tmp_path):
 
     write_report(again, tmp_path / "REPORT.md")
     text = (tmp_path / "REPORT.md").read_text()
-    assert "Status: complete" in text and (tmp_path / "plots" / "gsm_symbolic-loss.png").stat().st_size > 5000
+    assert "Status: complete" in text and (tmp_path / "plots" / "tiny-gsm_symbolic-loss.png").stat().st_size > 5000
     # DuDe 40-42% vs 20-22% on 50 problems x 3 seeds is beyond 2 standard errors
     line = next(x for x in text.splitlines() if x.startswith("| Higher held-out accuracy on math"))
     assert "**holds**" in line and "DuDe 41.0 ± 1.0" in line

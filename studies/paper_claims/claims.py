@@ -90,7 +90,7 @@ def _fmt(stat: tuple, spec: str = ".3f", pct: bool = False) -> str:
     if mean is None:
         return "-"
     k = 100 if pct else 1
-    return f"{mean * k:{spec}}" + (f" ± {std * k:{spec}}" if std is not None else "")
+    return f"{mean * k:{spec}}" + (f" ± {std * k:{spec.lstrip('+')}}" if std is not None else "")
 
 
 def claims(methods: dict[str, dict[str, dict]], ranks: dict[str, dict[str, dict[int, dict]]]) -> list[dict]:
@@ -156,7 +156,8 @@ def _spread_verdict(dude: float | None, rest: dict[str, float]) -> str:
 def _robust_seeds(methods: dict[str, dict[str, dict]]) -> dict:
     verdicts, parts = [], []
     for task, agg in methods.items():
-        stds = {m: a["heldout"][1] for m, a in agg.items() if a["heldout"][1] is not None}
+        # a std from fewer than 3 seeds is itself too noisy to rank methods by
+        stds = {m: a["heldout"][1] for m, a in agg.items() if a["heldout"][1] is not None and a["heldout"][2] >= 3}
         if "dude" not in stds:
             verdicts.append("missing")
             continue
@@ -164,7 +165,7 @@ def _robust_seeds(methods: dict[str, dict[str, dict]]) -> dict:
         parts.append(f"{task}: seed std of held-out acc " + ", ".join(
             f"{m} {a['heldout'][1] * 100:.1f}" for m, a in agg.items() if a["heldout"][1] is not None))
     return {"claim": "More robust to seeds (smaller seed-to-seed std of held-out accuracy)",
-            "verdict": combine(verdicts), "numbers": "; ".join(parts) or "needs >= 2 seeds per method"}
+            "verdict": combine(verdicts), "numbers": "; ".join(parts) or "needs >= 3 seeds per method"}
 
 
 def _robust_ranks(ranks: dict[str, dict[str, dict[int, dict]]]) -> dict:

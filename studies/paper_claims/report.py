@@ -217,8 +217,9 @@ def write_report(study: Any, path: Path) -> None:
         task = budget.task
         out += [f"## {task}", "", "### Learning-rate sweep", ""] + _sweep_table(study, data, task)
         out += ["### Main comparison (r=16)", ""] + (_main_table(data, task) if data["main"][task] else ["No main runs finished yet.", ""])
-        if plot_curves(data["rows"], task, plots / f"{task}-loss.png", data["target"][task]):
-            out += [f"![loss curves, {task}](plots/{task}-loss.png)", ""]
+        name = f"{s.name}-{task}-loss.png"
+        if plot_curves(data["rows"], task, plots / name, data["target"][task]):
+            out += [f"![loss curves, {task}](plots/{name})", ""]
         out += ["### Rank ablation", ""] + (_rank_table(data, task) if data["rank"][task] else ["No runs yet.", ""])
     out += _context() + _recipes()
     if missing:
