@@ -206,6 +206,9 @@ def write_report(study: Any, path: Path) -> None:
                 "skipped.", ""]
     else:
         out += ["**Status: complete.**", ""]
+    if s.name == "full" and (path.parent / "REPORT-quick.md").is_file():
+        out += ["The `--quick` subset (social_iqa, LoRA vs DuDe, 8 steps, 2 seeds) is reported in "
+                "[REPORT-quick.md](REPORT-quick.md); at that budget it is a plumbing check, not evidence.", ""]
     rows = claims(data["main"], data["rank"])
     out += ["## Verdicts", "", "| claim | verdict | numbers (ours) |", "|---|---|---|"]
     out += [f"| {r['claim']} | **{r['verdict']}** | {r['numbers']} |" for r in rows]
