@@ -38,3 +38,16 @@ def sgd_steps(model, params, ids, steps: int = 3, lr: float = 0.5) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+def assert_same_start(model, peft, atol: float) -> None:
+    """Layer by layer, our starting point equals PEFT's: residual, the product B @ A
+    (factors are defined up to sign), and the magnitude. LoRA/DoRA get PEFT's random A first."""
+    if not any(layer.lora_A0 is not None for layer in dude.adapter_layers(model).values()):
+        copy_kaiming_a_from_peft(model, peft)
+    for name, layer in dude.adapter_layers(model).items():
+        ref = peft_layer_tensors(peft, name)
+        torch.testing.assert_close(layer.residual, ref["residual"], atol=atol, rtol=0)
+        torch.testing.assert_close(layer.lora_B @ layer.lora_A, ref["B"] @ ref["A"], atol=10 * atol, rtol=10 * atol)
+        if layer.magnitude is not None:
+            torch.testing.assert_close(layer.magnitude, ref["m"], atol=atol, rtol=atol)

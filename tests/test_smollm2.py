@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import dude
 from dude import decompose
-from peft_oracle import copy_kaiming_a_from_peft, peft_layer_tensors, peft_model, sgd_steps
+from peft_oracle import assert_same_start, peft_model, sgd_steps
 
 TARGETS = dude.config.LLAMA_LINEAR
 PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
@@ -65,14 +65,7 @@ def test_same_start_and_same_steps_as_peft(smollm2, method):
     peft = peft_model(copy.deepcopy(base), method, r=16, alpha=16, targets=targets)
     ours = dude.apply(base, dude.AdapterConfig(method=method, r=16, alpha=16, target_modules=targets))
     assert len(dude.adapter_layers(ours)) == 2 * 7
-    if method in ("lora", "dora"):
-        copy_kaiming_a_from_peft(ours, peft)
-    for name, layer in dude.adapter_layers(ours).items():
-        ref = peft_layer_tensors(peft, name)
-        torch.testing.assert_close(layer.residual, ref["residual"], atol=1e-5, rtol=0)
-        torch.testing.assert_close(layer.lora_B @ layer.lora_A, ref["B"] @ ref["A"], atol=1e-4, rtol=1e-4)
-        if layer.magnitude is not None:
-            torch.testing.assert_close(layer.magnitude, ref["m"], atol=1e-5, rtol=1e-5)
+    assert_same_start(ours, peft, atol=1e-5)
     with torch.no_grad():
         start = ours(ids).logits
     sgd_steps(ours, dude.adapter_parameters(ours), ids, steps=3, lr=1e-3)
