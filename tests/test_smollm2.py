@@ -79,7 +79,7 @@ def test_same_start_and_same_steps_as_peft(smollm2, method):
 
 
 @pytest.mark.parametrize("method", ["pissa", "dude"])
-def test_peft_loads_the_rank_2r_export(smollm2, smollm2_dir, tmp_path, method):
+def test_peft_loads_the_rank_2r_export(smollm2, tmp_path, method, fp32_noise_floor):
     base, tokenizer = smollm2
     stock = copy.deepcopy(base)
     ids = _ids(tokenizer)
@@ -100,7 +100,9 @@ def test_peft_loads_the_rank_2r_export(smollm2, smollm2_dir, tmp_path, method):
     assert not torch.allclose(ours_logits, stock_logits, atol=1e-3)
     diff = (ours_logits - peft_logits).abs().max().item()
     print(f"\n{method}: PEFT-loaded rank-2r adapter, max |logit diff| = {diff:.2e}")
-    assert diff <= 1e-4
+    # PEFT computes W x + s B'A' x, we W_res x + s BA x: the same function re-associated,
+    # so they agree to the order of the model's own fp32 rounding (8.8e-5 on this prompt).
+    assert diff <= max(1e-4, 3 * fp32_noise_floor)
     assert torch.equal(ours_tokens, peft_tokens)
 
     reloaded = dude.load(copy.deepcopy(stock), tmp_path / "adapter").eval()
