@@ -140,6 +140,34 @@ def test_study_runs_once_resumes_and_reports(tmp_path):
     assert "dude train --config configs/paper/dude_llama2_7b_metamath.yaml" in text
 
 
+def test_parallel_workers_respect_the_sweep(tmp_path):
+    """Two workers (``--jobs 2``) run every planned run once, and a main or rank run only
+    after its method's whole sweep has finished."""
+    import threading
+    import time
+
+    fake, order, lock = FakeRunner(), [], threading.Lock()
+
+    def slow(command, cfg, out, record):
+        time.sleep(0.01 if record["phase"] == "sweep" else 0.002)  # let the workers overlap
+        with lock:
+            order.append((record["phase"], record.get("method"), "start"))
+        ok = fake(command, cfg, out, record)
+        with lock:
+            order.append((record["phase"], record.get("method"), "end"))
+        return ok
+
+    study = Study(TINY, tmp_path, runner=slow, log=lambda m: None)
+    study.run(jobs=2)
+    keys = [c["key"] for c in fake.calls]
+    total = 1 + sum(len(v) for v in TINY.lr_grid.values()) + 4 * 3 + 4 * 2
+    assert len(keys) == len(set(keys)) == total and study.ran == total
+    for method, grid in TINY.lr_grid.items():
+        last_sweep_end = max(i for i, e in enumerate(order) if e == ("sweep", method, "end"))
+        first_later = min(i for i, e in enumerate(order) if e[1] == method and e[0] != "sweep")
+        assert first_later > last_sweep_end
+
+
 def test_verdict_rule():
     assert compare((0.5, 0.01, 3), (0.3, 0.01, 3), True)[0] == "holds"
     assert compare((0.3, 0.01, 3), (0.5, 0.01, 3), True)[0] == "does not hold"

@@ -107,9 +107,9 @@ def _setup(study: Any) -> list[str]:
               f"LoRA's final loss (first step whose {SMOOTH}-step mean is at or below LoRA's mean final loss); "
               "held-out accuracy; MMLU-dev accuracy after minus before (retention); training wall time; peak "
               "memory (RSS, per run process).",
-              "- **Machine**: 2 CPU cores, shared with other jobs while the study ran, so wall times are noisy "
-              "and comparable only as ratios. Each run is its own process with one thread (`STUDY_THREADS` "
-              "overrides).",
+              "- **Machine**: 2 CPU cores. Each run is its own process with one thread (`STUDY_THREADS` "
+              "overrides), two runs side by side (`--jobs`), and some runs shared the machine with other jobs, "
+              "so wall times are noisy: compare them only as ratios within a table.",
               "- **Cache**: `runs/<key>/`, key = sha256 of the resolved `dude train` config (minus output paths; "
               "minus SVD options for LoRA/DoRA, which do no SVD) and of the data files it reads. A change of a "
               "library default changes the key, so such runs are redone rather than mixed.", ""]

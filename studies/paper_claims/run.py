@@ -11,7 +11,9 @@ every run, so an interrupted study still has an up-to-date report of what finish
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -40,18 +42,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="a few-minute plumbing check")
     parser.add_argument("--report", action="store_true", help="only regenerate the report")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="runs side by side, one thread each (default: 2, or 1 on a 1-core machine)")
     parser.add_argument("--root", type=Path, default=HERE, help="study folder (runs/, data/, report)")
     args = parser.parse_args(argv)
     study = Study(STUDIES[args.study], args.root)
     report = args.root / ("REPORT.md" if args.study == "full" else f"REPORT-{args.study}.md")
     if not args.report:
+        lock = threading.Lock()
+
         def after_each(message: str) -> None:
-            print(message, flush=True)
-            if "done" in message or "FAILED" in message:
-                write_report(study, report)
+            with lock:  # workers finish in any order; one report write at a time
+                print(message, flush=True)
+                if "done" in message or "FAILED" in message:
+                    write_report(study, report)
 
         study.log = after_each
-        study.run(args.max_runs)
+        study.run(args.max_runs, jobs=args.jobs)
         print(f"ran {study.ran}, failed {study.failed}, cached {study.skipped}", flush=True)
     write_report(study, report)
     print(f"wrote {report}", flush=True)

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -123,18 +124,46 @@ class Study:
                       for s in rank_specs(self.study, budget, best, self.data_dir)]
         return items + ranks
 
-    def run(self, max_runs: int | None = None) -> None:
+    def run(self, max_runs: int | None = None, jobs: int = 1) -> None:
         """Run what is not finished, phase by phase (a finished sweep unlocks the later
-        phases, so the plan is recomputed after each pass)."""
+        phases, so the plan is recomputed whenever a run ends). ``jobs`` runs go side by
+        side, each its own one-thread process; a worker with nothing plannable waits for
+        the others (their sweep may unlock more)."""
         attempted: set[str] = set()
-        while True:
-            todo = [i for i in self.plan() if i[2] not in attempted and not finished(self.runs_dir / i[2], i[3]["phase"])]
-            if not todo or (max_runs is not None and self.ran + self.failed >= max_runs):
-                self.skipped = sum(finished(self.runs_dir / i[2], i[3]["phase"]) for i in self.plan()) - self.ran
-                return
-            command, cfg, key, record = todo[0]
-            attempted.add(key)
-            self._do(command, cfg, key, record)
+        busy: set[str] = set()
+        lock = threading.Condition()
+
+        def next_item() -> tuple | None:
+            with lock:
+                while True:
+                    if max_runs is not None and self.ran + self.failed + len(busy) >= max_runs:
+                        return None
+                    todo = [i for i in self.plan()
+                            if i[2] not in attempted and not finished(self.runs_dir / i[2], i[3]["phase"])]
+                    if todo:
+                        attempted.add(todo[0][2])
+                        busy.add(todo[0][2])
+                        return todo[0]
+                    if not busy:
+                        lock.notify_all()
+                        return None
+                    lock.wait()
+
+        def worker() -> None:
+            while (item := next_item()) is not None:
+                try:
+                    self._do(*item)
+                finally:
+                    with lock:
+                        busy.discard(item[2])
+                        lock.notify_all()
+
+        threads = [threading.Thread(target=worker) for _ in range(max(1, jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.skipped = sum(finished(self.runs_dir / i[2], i[3]["phase"]) for i in self.plan()) - self.ran
 
     def missing(self) -> list[dict[str, Any]]:
         """Records of planned runs not finished, plus the phases still locked by a sweep."""
