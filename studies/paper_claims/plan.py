@@ -63,21 +63,22 @@ class StudyConfig:
     r: int = 16
 
 
-# LoRA/DoRA start from B=0 and take ~10x larger lrs than PiSSA/DuDe, whose factors start
-# at the principal singular vectors (see dude.compare.config.DEFAULT_LRS); each grid is
-# centred on that method's default, a factor ~3 either side.
+# LoRA/DoRA start from B=0 and are usually given ~10x larger lrs than PiSSA/DuDe, whose
+# factors start at the principal singular vectors (see dude.compare.config.SHARED_LR);
+# each grid is centred on that prior, a factor ~3 either side.
 LR_GRID = {"lora": [3e-4, 1e-3, 3e-3], "dora": [3e-4, 1e-3, 3e-3],
            "pissa": [3e-5, 1e-4, 3e-4], "dude": [3e-5, 1e-4, 3e-4]}
 
-# Budgets for ~3 h on 2 idle cores at one thread per run (a social_iqa step of 4 x ~85
-# tokens ~2 s, a GSM step of 4 x ~250 tokens ~5 s; MMLU/held-out evals ~1-2 min a run).
-# GSM examples have a median of 247 tokens with the chat template, so max_length 256
-# keeps the final "#### n" of most; 192 would cut it from most answers.
+# Budgets for ~2 h on 2 idle cores, two one-thread runs side by side (--jobs 2): a
+# social_iqa step of 4 x ~85 tokens ~2.5 s, a GSM step of 4 x ~250 tokens ~7 s; letter
+# scoring ~20 s per 100 questions; GSM generation ~2 min for 30 problems. GSM examples
+# have a median of 247 tokens with the chat template, so max_length 256 keeps the final
+# "#### n" of most; 192 would cut it from most answers.
 FULL = StudyConfig(
     name="full",
     tasks=[TaskBudget("bigbench_social_iqa", max_length=128, steps=40, batch_size=4, eval_limit=200,
                       mmlu_limit=150),
-           TaskBudget("gsm_symbolic", max_length=256, steps=30, batch_size=4, eval_limit=40, mmlu_limit=150,
+           TaskBudget("gsm_symbolic", max_length=256, steps=20, batch_size=4, eval_limit=30, mmlu_limit=100,
                       max_new_tokens=200)],
     lr_grid=LR_GRID,
 )

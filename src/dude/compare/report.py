@@ -100,7 +100,9 @@ def _fmt(value: float | None, spec: str) -> str:
 def table(result: dict[str, Any]) -> str:
     """A Markdown table, one row per method."""
     target = result["loss_target"]
-    header = ["method", "lr", "final loss", f"steps to {_fmt(target, '.3f')}", "held-out acc",
+    base_held = result["base_accuracy"].get("heldout")
+    held_name = "held-out acc" + (f" (base {base_held:.3f})" if base_held is not None else "")
+    header = ["method", "lr", "final loss", f"steps to {_fmt(target, '.3f')}", held_name,
               "MMLU before -> after (retention)", "train time s", "peak MB"]
     rows = [header, ["---"] * len(header)]
     for method, m in result["methods"].items():
@@ -108,12 +110,11 @@ def table(result: dict[str, Any]) -> str:
             rows.append([method, _fmt(m["lr"], "g"), "failed"] + ["-"] * (len(header) - 3))
             continue
         held = m["accuracy"].get("heldout")
-        n = ""
         retention = (f"{_fmt(m['mmlu_before'], '.3f')} -> {_fmt(m['mmlu_after'], '.3f')} "
                      f"({_fmt(m['retention'], '+.3f')})") if m["mmlu_after"] is not None else "-"
         std = f" ± {m['final_loss_std']:.3f}" if m["final_loss_std"] is not None else ""
         rows.append([method, _fmt(m["lr"], "g"), f"{m['final_loss']:.3f}{std}", _fmt(m["steps_to_target"], ".0f"),
-                     _fmt(held, ".3f") + n, retention, _fmt(m["train_wall_time_s"], ".0f"),
+                     _fmt(held, ".3f"), retention, _fmt(m["train_wall_time_s"], ".0f"),
                      _fmt(m["peak_memory_mb"], ".0f")])
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     note = (f"\nfinal loss: mean of the last {result['smooth']} steps; steps to target: first step whose "
