@@ -168,6 +168,20 @@ def test_parallel_workers_respect_the_sweep(tmp_path):
         assert first_later > last_sweep_end
 
 
+def test_a_task_without_rank_ablation_plans_and_reports_none(tmp_path):
+    no_ranks = dataclasses.replace(TINY, tasks=[dataclasses.replace(TINY.tasks[0], rank_ablation=False)])
+    fake = FakeRunner()
+    study = Study(no_ranks, tmp_path, runner=fake, log=lambda m: None)
+    study.run()
+    total = 1 + sum(len(v) for v in TINY.lr_grid.values()) + 4 * 3
+    assert study.total_runs() == total == len(fake.calls)
+    assert not [c for c in fake.calls if c["phase"] == "rank"]
+    write_report(study, tmp_path / "REPORT.md")
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "Status: complete" in text and "### Rank ablation" not in text
+    assert "r in [4, 16, 64] (alpha = r), seed 0, on no task" in text
+
+
 def test_verdict_rule():
     assert compare((0.5, 0.01, 3), (0.3, 0.01, 3), True)[0] == "holds"
     assert compare((0.3, 0.01, 3), (0.5, 0.01, 3), True)[0] == "does not hold"

@@ -50,6 +50,7 @@ class TaskBudget:
     max_new_tokens: int = 160       # math answers
     val_limit: int = 64             # validation examples for the lr sweep
     val_fraction: float = 0.2       # share of the train split held out for validation
+    rank_ablation: bool = True      # False: no r != StudyConfig.r runs on this task
 
 
 @dataclass
@@ -70,16 +71,17 @@ LR_GRID = {"lora": [3e-4, 1e-3, 3e-3], "dora": [3e-4, 1e-3, 3e-3],
            "pissa": [3e-5, 1e-4, 3e-4], "dude": [3e-5, 1e-4, 3e-4]}
 
 # Budgets for ~2 h on 2 idle cores, two one-thread runs side by side (--jobs 2): a
-# social_iqa step of 4 x ~85 tokens ~2.5 s, a GSM step of 4 x ~250 tokens ~7 s; letter
-# scoring ~20 s per 100 questions; GSM generation ~2 min for 30 problems. GSM examples
+# social_iqa step of 4 x ~85 tokens ~2.5-5 s, a GSM step of 2 x ~250 tokens ~4-7 s; letter
+# scoring ~20-40 s per 100 questions; GSM generation ~1 min for 24 problems. GSM examples
 # have a median of 247 tokens with the chat template, so max_length 256 keeps the final
-# "#### n" of most; 192 would cut it from most answers.
+# "#### n" of most; 192 would cut it from most answers. The rank ablation runs on
+# social_iqa only: on GSM its 8 runs alone would take ~40 min.
 FULL = StudyConfig(
     name="full",
     tasks=[TaskBudget("bigbench_social_iqa", max_length=128, steps=40, batch_size=4, eval_limit=200,
                       mmlu_limit=150),
-           TaskBudget("gsm_symbolic", max_length=256, steps=20, batch_size=4, eval_limit=30, mmlu_limit=100,
-                      max_new_tokens=200)],
+           TaskBudget("gsm_symbolic", max_length=256, steps=24, batch_size=2, eval_limit=24, mmlu_limit=100,
+                      max_new_tokens=200, rank_ablation=False)],
     lr_grid=LR_GRID,
 )
 
@@ -221,7 +223,7 @@ def rank_specs(study: StudyConfig, budget: TaskBudget, best: dict[str, float], d
     """The rank ablation (seed 0; r=study.r is the main run's seed 0)."""
     return [RunSpec("rank", budget.task, m, best[m], 0, r,
                     train_config(study, budget, m, best[m], 0, r, "rank", data_dir))
-            for r in study.ranks if r != study.r for m in study.methods if m in best]
+            for r in study.ranks if r != study.r and budget.rank_ablation for m in study.methods if m in best]
 
 
 def base_config(budget: TaskBudget) -> Any:
