@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..data.prompts import LETTERS, encode_prompt, mc_prompt, render_prompt, response_prefix
+from .batching import left_padded_batches, pad_id_of
 
 __all__ = ["evaluate_multiple_choice", "letter_token_ids"]
 
@@ -69,22 +70,14 @@ def evaluate_multiple_choice(model: Any, tokenizer: Any, examples: Sequence[dict
     letter_ids = torch.tensor(letter_token_ids(tokenizer, n_max, chat))
     prompts = [encode_prompt(tokenizer, render_prompt(tokenizer, mc_prompt(ex, ex.get("subject")), chat),
                              chat) for ex in examples]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     predictions = [0] * len(examples)
     scores: list[list[float]] = [[] for _ in examples]
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            width = max(len(prompts[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, i in enumerate(rows):
-                ids[j, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[j, width - len(prompts[i]):] = 1
+        for rows, ids, mask in left_padded_batches(prompts, batch_size, pad_id):
             # Left padding needs explicit positions so each row starts at position 0.
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = _last_logits(model, ids.to(device), mask.to(device), positions.to(device))

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..data.prompts import encode_prompt, prompt_and_response, render_prompt, use_chat
+from .batching import left_padded_batches, pad_id_of
 from .extract import extract_answer, numbers_match
 
 __all__ = ["evaluate_math", "generate_greedy"]
@@ -21,24 +22,14 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[list[int]],
     Batches are LEFT-padded, so every row's next token follows its own last prompt token.
     Prompts are sorted by length to waste little padding; results come back in order.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has neither pad_token nor eos_token")
+    pad_id = pad_id_of(tokenizer)
     device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            width = max(len(prompts[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, i in enumerate(rows):
-                n = len(prompts[i])
-                ids[j, width - n:] = torch.tensor(prompts[i])
-                mask[j, width - n:] = 1
+        for rows, ids, mask in left_padded_batches(prompts, batch_size, pad_id):
+            width = ids.shape[1]
             generated = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
