@@ -133,9 +133,31 @@ def _sweep_table(study: Any, data: dict, task: str) -> list[str]:
         edge = m in best and len(grid) > 1 and best[m] in (grid[0], grid[-1])
         chosen = f"{best[m]:g}{' (grid edge)' if edge else ''}" if m in best else "(sweep unfinished)"
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {chosen} |")
-    return lines + ["", "Validation loss (response tokens, lower is better) per lr. A best lr at the edge of "
-                        "its grid may not be the method's optimum, and with 64 validation questions, differences of a "
-                        "few thousandths may be noise.", ""]
+    lines += ["", "Validation loss (response tokens, lower is better) per lr. A best lr at the edge of "
+                  "its grid may not be the method's optimum, and with 64 validation questions, differences of a "
+                  "few thousandths may be noise."]
+    floor = _guess_floor(study, data, task)
+    if floor is not None:
+        lines += ["", f"A model that has learned the answer format but guesses the letter uniformly scores "
+                      f"sum ln(k) / response tokens = **{floor:.4f}** on this validation set; losses near it mean "
+                      "the runs learned the format, not the questions."]
+    return lines + [""]
+
+
+def _guess_floor(study: Any, data: dict, task: str) -> float | None:
+    """Validation loss of a uniform guess over each question's k letters (the other
+    response tokens free): sum ln k / the validation set's response tokens. Multiple choice only."""
+    import json
+    import math
+
+    val_file = study.data_dir / f"{task}-val.jsonl"
+    sweeps = [r["val"] for r in _by(data["rows"], phase="sweep", task=task) if r.get("val")]
+    if not val_file.is_file() or not sweeps:
+        return None
+    rows = [json.loads(x) for x in val_file.read_text().splitlines() if x.strip()]
+    if not rows or "choices" not in rows[0] or sweeps[0].get("examples") != len(rows):
+        return None
+    return sum(math.log(len(r["choices"])) for r in rows) / sweeps[0]["tokens"]
 
 
 def _main_table(data: dict, task: str) -> list[str]:
