@@ -70,18 +70,18 @@ class StudyConfig:
 LR_GRID = {"lora": [3e-4, 1e-3, 3e-3], "dora": [3e-4, 1e-3, 3e-3],
            "pissa": [3e-5, 1e-4, 3e-4], "dude": [3e-5, 1e-4, 3e-4]}
 
-# Budgets for ~2 h on 2 idle cores, two one-thread runs side by side (--jobs 2): a
+# Budgets for < 2 h on 2 idle cores, two one-thread runs side by side (--jobs 2): a
 # social_iqa step of 4 x ~85 tokens ~2.5-5 s, a GSM step of 2 x ~250 tokens ~4-7 s; letter
 # scoring ~20-40 s per 100 questions; GSM generation ~1 min for 24 problems. GSM examples
 # have a median of 247 tokens with the chat template, so max_length 256 keeps the final
-# "#### n" of most; 192 would cut it from most answers. The rank ablation runs on
-# social_iqa only: on GSM its 8 runs alone would take ~40 min.
+# "#### n" of most; 192 would cut it from most answers. Measured with --jobs 2 on an
+# idle machine: ~140-170 s per run (GSM main runs with generation ~200 s): the 66 runs take ~1.6 h.
 FULL = StudyConfig(
     name="full",
     tasks=[TaskBudget("bigbench_social_iqa", max_length=128, steps=40, batch_size=4, eval_limit=200,
                       mmlu_limit=150),
            TaskBudget("gsm_symbolic", max_length=256, steps=24, batch_size=2, eval_limit=24, mmlu_limit=100,
-                      max_new_tokens=200, rank_ablation=False)],
+                      max_new_tokens=200)],
     lr_grid=LR_GRID,
 )
 

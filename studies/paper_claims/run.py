@@ -1,6 +1,6 @@
 """The paper-claims study, one command; rerunning it resumes (finished runs are cached).
 
-    python studies/paper_claims/run.py            # the full study (~2 h on 2 idle CPU cores)
+    python studies/paper_claims/run.py            # the full study (~1.6 h on 2 idle CPU cores)
     python studies/paper_claims/run.py --quick    # a subset in < 20 min (REPORT-quick.md)
     python studies/paper_claims/run.py --report   # only regenerate REPORT.md from finished runs
 
