@@ -40,7 +40,7 @@ def adapt(model: nn.Module, name: str, *, r: int, alpha: float, targets: list[st
     """Return a new model: ``model`` (left untouched) with the adapter ``name`` applied."""
     if name == BASE:
         return model
-    name, _, variant = name.partition(":")  # "dude-dude:autograd": the plain-autograd forward
+    name, _, variant = name.partition(":")  # "dude-dude:autograd": the plain-autograd forward; ":ckpt": gradient checkpointing
     svd_init = name.endswith("pissa") or name == "dude-dude"
     fresh = copy.deepcopy(model) if (svd_init or not share) else _shell(model)
     if name.startswith("dude-"):
@@ -51,6 +51,8 @@ def adapt(model: nn.Module, name: str, *, r: int, alpha: float, targets: list[st
         if variant == "autograd":
             for layer in dude.adapter_layers(fresh).values():
                 layer.fast_path = False
+        if variant == "ckpt":  # "dude-dude:ckpt": activations recomputed block by block in backward
+            fresh.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return fresh
     from peft import LoraConfig, get_peft_model
 

@@ -31,7 +31,7 @@ KEY = ["dude-lora", "dude-dude", "peft-lora", "peft-dora+pissa"]
 PLANS = {
     "full": {
         "train_methods": builders.ALL + ["dude-lora:autograd", "dude-dude:autograd"],
-        "memory_methods": builders.ALL + ["dude-dude:autograd"],
+        "memory_methods": builders.ALL + ["dude-dude:autograd", "dude-lora:ckpt", "dude-dude:ckpt"],
         "rounds": 7, "memory_steps": 3,
         "layers": [(4096, 4096, 16), (4096, 4096, 64), (11008, 4096, 16), (11008, 4096, 64)],
         "layer_methods": builders.ALL, "layer_tokens": 512, "layer_rounds": 5,
