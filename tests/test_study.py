@@ -182,6 +182,22 @@ def test_a_task_without_rank_ablation_plans_and_reports_none(tmp_path):
     assert "r in [4, 16, 64] (alpha = r), seed 0, on no task" in text
 
 
+def test_uniform_guess_floor_of_a_multiple_choice_validation_set(tmp_path):
+    from types import SimpleNamespace
+
+    from report import _guess_floor
+
+    rows = [{"question": "q1", "choices": ["a", "b", "c"], "answer": 0},
+            {"question": "q2", "choices": ["a", "b"], "answer": 1}]
+    (tmp_path / "mc-val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    study = SimpleNamespace(data_dir=tmp_path)
+    data = {"rows": [{"phase": "sweep", "task": "mc", "val": {"examples": 2, "tokens": 6}}]}
+    assert _guess_floor(study, data, "mc") == pytest.approx((math.log(3) + math.log(2)) / 6)
+    data["rows"][0]["val"]["examples"] = 3  # a validation set that is not this file: no floor
+    assert _guess_floor(study, data, "mc") is None
+    assert _guess_floor(study, {"rows": []}, "mc") is None
+
+
 def test_verdict_rule():
     assert compare((0.5, 0.01, 3), (0.3, 0.01, 3), True)[0] == "holds"
     assert compare((0.3, 0.01, 3), (0.5, 0.01, 3), True)[0] == "does not hold"
