@@ -23,16 +23,17 @@ from . import train
 from .run import SMOLLM2
 
 METHODS = ["dude-lora", "dude-dude", "dude-lora:ckpt", "dude-dude:ckpt"]
+THREADS, R, STEPS = 2, 16, 3
 
 
 def main() -> None:
     now = datetime.datetime.now(datetime.timezone.utc)
-    out = {"date": now.isoformat(), "machine": platform.node(), "threads": 2, "torch": torch.__version__,
+    out = {"date": now.isoformat(), "machine": platform.node(), "threads": THREADS, "torch": torch.__version__,
            "transformers": transformers.__version__, "peft": peft.__version__, "workload": SMOLLM2,
-           "r": 16, "alpha": 16.0, "steps": 3, "memory": {}}
+           "r": R, "alpha": float(R), "steps": STEPS, "memory": {}}
     for repeat in range(2):
         for name in METHODS:
-            m = train.peak_memory(SMOLLM2, name, r=16, alpha=16.0, steps=3, threads=2)
+            m = train.peak_memory(SMOLLM2, name, r=R, alpha=float(R), steps=STEPS, threads=THREADS)
             out["memory"].setdefault(name, []).append(m)
             print(f"{repeat} {name}: peak {m['peak_mib']:.0f} MiB (+{m['delta_mib']:.0f} over start)", flush=True)
     for name in METHODS[1::2]:

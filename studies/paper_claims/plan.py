@@ -219,11 +219,16 @@ def main_specs(study: StudyConfig, budget: TaskBudget, best: dict[str, float], d
             for s in study.seeds for m in study.methods if m in best]
 
 
+def ablation_ranks(study: StudyConfig, budget: TaskBudget) -> list[int]:
+    """The ranks of this task's rank-ablation runs (r=study.r is the main run's seed 0)."""
+    return [r for r in study.ranks if r != study.r] if budget.rank_ablation else []
+
+
 def rank_specs(study: StudyConfig, budget: TaskBudget, best: dict[str, float], data_dir: Path) -> list[RunSpec]:
     """The rank ablation (seed 0; r=study.r is the main run's seed 0)."""
     return [RunSpec("rank", budget.task, m, best[m], 0, r,
                     train_config(study, budget, m, best[m], 0, r, "rank", data_dir))
-            for r in study.ranks if r != study.r and budget.rank_ablation for m in study.methods if m in best]
+            for r in ablation_ranks(study, budget) for m in study.methods if m in best]
 
 
 def base_config(budget: TaskBudget) -> Any:

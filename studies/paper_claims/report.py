@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 from pathlib import Path
@@ -147,9 +149,6 @@ def _sweep_table(study: Any, data: dict, task: str) -> list[str]:
 def _guess_floor(study: Any, data: dict, task: str) -> float | None:
     """Validation loss of a uniform guess over each question's k letters (the other
     response tokens free): sum ln k / the validation set's response tokens. Multiple choice only."""
-    import json
-    import math
-
     val_file = study.data_dir / f"{task}-val.jsonl"
     sweeps = [r["val"] for r in _by(data["rows"], phase="sweep", task=task) if r.get("val")]
     if not val_file.is_file() or not sweeps:

@@ -23,7 +23,8 @@ import yaml
 
 from dude.train.options import to_dict
 
-from plan import StudyConfig, TaskBudget, base_config, config_key, main_specs, rank_specs, sweep_specs, with_output
+from plan import (StudyConfig, TaskBudget, ablation_ranks, base_config, config_key, main_specs, rank_specs,
+                  sweep_specs, with_output)
 
 HERE = Path(__file__).resolve().parent
 
@@ -172,7 +173,7 @@ class Study:
             best = self.best_lrs(budget)
             for m in self.study.methods:
                 if m not in best:
-                    n_rank = len([r for r in self.study.ranks if r != self.study.r]) if budget.rank_ablation else 0
+                    n_rank = len(ablation_ranks(self.study, budget))
                     out.append({"phase": "main+rank", "task": budget.task, "method": m,
                                 "note": f"{len(self.study.seeds)} main + {n_rank} rank runs, not planned "
                                         "yet: they wait for this method's lr sweep", "count": len(self.study.seeds) + n_rank})
@@ -181,9 +182,8 @@ class Study:
     def total_runs(self) -> int:
         """Runs in the whole study once every sweep has picked its lr."""
         s = self.study
-        n_rank = len([r for r in s.ranks if r != s.r])
         return sum(1 + sum(len(s.lr_grid[m]) for m in s.methods)
-                   + len(s.methods) * (len(s.seeds) + n_rank * b.rank_ablation) for b in s.tasks)
+                   + len(s.methods) * (len(s.seeds) + len(ablation_ranks(s, b))) for b in s.tasks)
 
     def records(self) -> list[dict[str, Any]]:
         """Every finished run of this study's plan, with its files read."""
