@@ -14,7 +14,9 @@ from dude.compare import CompareConfig
 from dude.train.config import TrainConfig
 from dude.train.options import build, load_yaml, to_dict
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+ROOT = Path(__file__).parents[1] / "configs"
+ACCELERATE = sorted((ROOT / "accelerate").glob("*.yaml"))  # accelerate's own config files
+CONFIGS = sorted(set(ROOT.rglob("*.yaml")) - set(ACCELERATE))
 
 
 def _command(path: Path) -> str:
@@ -35,6 +37,15 @@ def test_config_loads(path: Path):
     config = build(_config_class(_command(path)), load_yaml(path))
     again = build(type(config), to_dict(config))  # the resolved form round-trips
     assert again == config
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
+def test_accelerate_config_loads(path: Path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(path)
+    assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2
+    assert not config.fsdp_config["fsdp_offload_params"]  # refused by dude.train.distributed
 
 
 def test_default_compare_config_is_the_no_argument_run():

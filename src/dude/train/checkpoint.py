@@ -6,7 +6,8 @@ CUDA, python, numpy) and the step (the data order is a pure function of the seed
 the step, see ``batches.py``). It is written with ``torch.save`` to a temporary file,
 fsynced and renamed, so a killed run leaves either the old set or the new one; it is
 read with ``torch.load(weights_only=True)``: tensors and plain containers only, no
-arbitrary pickle.
+arbitrary pickle. Under FSDP a checkpoint is a folder of shards instead,
+``step-000040/`` (``sharded_checkpoint.py``); both are listed here.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 DIRNAME = "checkpoints"
-_PATTERN = re.compile(r"step-(\d{6,})\.pt")
+_PATTERN = re.compile(r"step-(\d{6,})(\.pt)?")  # a file, or a folder of shards
 
 
 def rng_state() -> dict[str, Any]:
@@ -48,8 +49,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def path_for(output_dir: Path, step: int) -> Path:
-    return Path(output_dir) / DIRNAME / f"step-{step:06d}.pt"
+def path_for(output_dir: Path, step: int, sharded: bool = False) -> Path:
+    return Path(output_dir) / DIRNAME / f"step-{step:06d}{'' if sharded else '.pt'}"
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -74,7 +75,7 @@ def save(output_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     if keep > 0:
         for _, old in list_checkpoints(output_dir)[:-keep]:
             old.unlink(missing_ok=True)
@@ -89,7 +90,7 @@ def load(path: Path) -> dict[str, Any]:
                          "delete it to resume from the one before") from None
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

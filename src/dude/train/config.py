@@ -94,7 +94,7 @@ class RunConfig:
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% slower)")
     precision: str = opt("auto", f"one of {PRECISIONS}; auto: bf16 autocast on GPU, fp32 on CPU")
     device: str = opt("auto", "auto, cpu or cuda")
-    strategy: str = opt("ddp", "multi-process strategy under torchrun: ddp, or fsdp (GPUs only)")
+    strategy: str = opt("ddp", "multi-process strategy under torchrun: ddp, or fsdp (FSDP2: shards the base too)")
     resume: bool = opt(False, "continue the run in output_dir from its newest checkpoint")
     overwrite: bool = opt(False, "replace the run in output_dir")
     progress: bool = opt(True, "show a progress bar")

@@ -2,15 +2,17 @@
 
 Launched by ``torchrun`` or ``accelerate launch`` (they set ``RANK`` / ``WORLD_SIZE`` /
 ``LOCAL_RANK`` / ``MASTER_ADDR``), training joins a process group: NCCL on GPUs, gloo on
-CPU. Strategies:
+CPU. Strategies (``run.strategy``; accelerate's FSDP config file selects ``fsdp``):
 
 - ``ddp`` (default): every rank holds the whole model; only the adapter tensors are
   trainable, so DDP all-reduces just their gradients (a few MB).
 - ``fsdp``: ``torch.distributed.fsdp.fully_shard`` (FSDP2, torch >= 2.6) on each decoder
   layer and on the root, which shards the frozen base weights too: the option for a 7B
   model that does not fit on one GPU. FSDP2 handles a mix of frozen and trainable
-  parameters in one unit. Checkpoints gather the full adapter tensors on every rank.
-  It needs GPUs (NCCL); on CPU use ``ddp``.
+  parameters in one unit, and runs on GPUs (NCCL) and CPUs (gloo) alike. Its parameters
+  become DTensor shards, so the optimizer is built after ``wrap``; checkpoints are
+  sharded (``torch.distributed.checkpoint``, see ``sharded_checkpoint.py``), the final
+  adapter is gathered (``gathered``) and written by rank 0.
 """
 
 from __future__ import annotations
@@ -60,6 +62,22 @@ def setup(device: str = "auto") -> Dist:
     return Dist(rank, world_size, local_rank, dev)
 
 
+def launcher_strategy(strategy: str) -> str:
+    """``fsdp`` when ``accelerate launch`` runs with its own FSDP config file (which reaches
+    the processes as ``ACCELERATE_USE_FSDP`` / ``FSDP_*`` variables), else ``strategy``.
+    dude shards each decoder layer and the root with FSDP2 whatever the wrap policy says;
+    what it cannot honour is refused."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return strategy
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ValueError(f"accelerate's FSDP config has fsdp_version {version}; dude shards with FSDP2: "
+                         "set fsdp_version: 2 (see configs/accelerate_fsdp.yaml)")
+    if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+        raise ValueError("accelerate's FSDP config sets fsdp_offload_params: true, which dude does not do; set it false")
+    return "fsdp"
+
+
 def teardown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
@@ -88,8 +106,9 @@ def any_across(d: Dist, flag: bool) -> bool:
     return t.item() > 0
 
 
-def wrap(model: nn.Module, d: Dist, strategy: str, save_every: int = 0) -> nn.Module:
-    """The model as trained: itself alone, under DDP, or sharded with FSDP2."""
+def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
+    """The model as trained: itself alone, under DDP, or sharded with FSDP2 (in place: the
+    parameters become shards, so build the optimizer on them afterwards)."""
     if not d.enabled:
         return model
     if strategy == "ddp":
@@ -98,11 +117,6 @@ def wrap(model: nn.Module, d: Dist, strategy: str, save_every: int = 0) -> nn.Mo
         ids = [d.device.index] if d.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     if strategy == "fsdp":
-        if save_every:
-            raise ValueError("run.save_every > 0 is not supported with run.strategy 'fsdp' (sharded optimizer "
-                             "state); use ddp, or save_every 0")
-        if d.device.type != "cuda":
-            raise ValueError("run.strategy 'fsdp' needs GPUs (NCCL); use 'ddp' on CPU")
         from torch.distributed.fsdp import fully_shard
 
         for module in model.modules():
@@ -111,6 +125,28 @@ def wrap(model: nn.Module, d: Dist, strategy: str, save_every: int = 0) -> nn.Mo
         fully_shard(model)
         return model
     raise ValueError(f"run.strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+
+
+def is_sharded(d: Dist, strategy: str) -> bool:
+    """Whether training runs under FSDP (one process never shards)."""
+    return d.enabled and strategy == "fsdp"
+
+
+@contextmanager
+def accumulating(wrapped: nn.Module, sync: bool) -> Iterator[None]:
+    """Backward passes that reduce gradients across ranks only if ``sync`` (the last
+    micro-batch of a step): DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``."""
+    if sync or not (hasattr(wrapped, "no_sync") or hasattr(wrapped, "set_requires_gradient_sync")):
+        yield
+    elif hasattr(wrapped, "no_sync"):
+        with wrapped.no_sync():
+            yield
+    else:
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,18 +1,18 @@
 """The training loop of ``dude train``: AdamW, warmup + cosine, accumulation, clipping,
 checkpoints that resume bit-exactly, and a stop on a non-finite loss.
 
-One process or many (torchrun: DDP, or FSDP2 on GPUs, see ``distributed.py``). Only rank 0
-writes files. The data order is a pure function of (seed, step) (``batches.py``), so a
-checkpoint needs no sampler state.
+One process or many (torchrun or accelerate: DDP, or FSDP2, see ``distributed.py``). Rank 0
+writes the files (every rank its shards of an FSDP checkpoint). The data order is a pure
+function of (seed, step) (``batches.py``), so a checkpoint needs no sampler state.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from .. import patch
+from ..io import load as load_adapter
 from ..io import save as save_adapter
-from . import checkpoint, distributed, optim, rundir
-from .batches import DataOrder
+from . import checkpoint, distributed, optim, rundir, sharded_checkpoint
+from .batches import DataOrder, pad_collate
 from .config import TrainConfig
 from .options import to_dict
 from .progress import Progress
@@ -71,6 +72,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
     start = time.perf_counter()
     check_files(cfg.eval.tasks, cfg.data)
+    strategy = distributed.launcher_strategy(cfg.run.strategy)
+    if strategy != cfg.run.strategy:
+        print(f"accelerate's FSDP config: run.strategy {strategy} (was {cfg.run.strategy})")
+        cfg = replace(cfg, run=replace(cfg.run, strategy=strategy))
     d = distributed.setup(cfg.run.device)
     try:
         return _train(cfg, d, start, model, tokenizer, examples, collate)
@@ -82,8 +87,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist, start: float, model: nn.Module
            examples: list | None, collate: Callable | None) -> TrainResult:
     from ..hub import load_model
 
-    if d.enabled and cfg.run.strategy == "fsdp" and cfg.eval.tasks:
-        raise ValueError("eval.tasks under run.strategy 'fsdp': evaluate afterwards with `dude eval --adapter DIR`")
+    sharded = distributed.is_sharded(d, cfg.run.strategy)
+    if sharded and cfg.eval.tasks and model is not None:
+        raise ValueError("eval.tasks under run.strategy 'fsdp' rebuilds the model from model.name_or_path on rank 0; "
+                         "pass no model to train(), or evaluate afterwards with `dude eval --adapter DIR`")
     out = Path(cfg.run.output_dir)
     resolved = to_dict(cfg)
     rundir.prepare(out, resolved, cfg.run.resume, cfg.run.overwrite, clear=d.is_main)
@@ -97,6 +104,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, start: float, model: nn.Module
         examples, collate = training_set(cfg.data, tokenizer, log=d.is_main)
     collate = collate or pad_collate(tokenizer.pad_token_id)
     state = _setup(cfg, model, d)
+    del model  # state.model from here on (under FSDP, sharded)
     resumed = _maybe_resume(cfg, state, d) if cfg.run.resume else None
     if d.is_main:
         rundir.write_config(out, resolved)
@@ -109,15 +117,36 @@ def _train(cfg: TrainConfig, d: distributed.Dist, start: float, model: nn.Module
             save_adapter(state.model, out)
     if d.is_main:
         _finish(cfg, out, result, start, sum(p.numel() for p in state.params))
-    if cfg.eval.tasks and d.is_main:
-        from .evaluation import evaluate_tasks
-
-        state.model.eval()
-        # merged first: the deployed model, and generation skips the per-step norm of DoRA/DuDe
-        result.eval = evaluate_tasks(cfg.eval, cfg.data, patch.merge(state.model), tokenizer)
-        rundir.write_json(out / "eval.json", result.eval)
+    if cfg.eval.tasks:
+        trained = None if sharded else state.model
+        del state  # under FSDP: free the shards before rank 0 rebuilds the whole model
+        if sharded:
+            gc.collect()
+            if d.device.type == "cuda":
+                torch.cuda.empty_cache()
+        if d.is_main:
+            result.eval = _evaluate(cfg, trained, tokenizer, out, d.device)
     distributed.barrier(d)
     return result
+
+
+def _evaluate(cfg: TrainConfig, trained: nn.Module | None, tokenizer: Any, out: Path,
+              device: torch.device) -> dict[str, Any]:
+    """Evaluate the trained model merged (the deployed model; generation also skips the
+    per-step norm of DoRA/DuDe) and write ``eval.json``. ``trained`` is None under FSDP,
+    where no rank holds the whole model: it is rebuilt from the base and the adapter
+    just written (the residual is recomputed bit-identically, see ``dude.load``)."""
+    from .evaluation import evaluate_tasks
+
+    if trained is None:
+        from ..hub import load_model
+
+        base, _ = load_model(cfg.model.name_or_path, dtype=getattr(torch, cfg.model.dtype))
+        trained = load_adapter(base, out).to(device)
+    trained.eval()
+    results = evaluate_tasks(cfg.eval, cfg.data, patch.merge(trained), tokenizer)
+    rundir.write_json(out / "eval.json", results)
+    return results
 
 
 def _setup(cfg: TrainConfig, model: nn.Module, d: distributed.Dist) -> _State:
@@ -132,10 +161,10 @@ def _setup(cfg: TrainConfig, model: nn.Module, d: distributed.Dist) -> _State:
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
     model.train()
-    params = patch.adapter_parameters(model)
+    wrapped = distributed.wrap(model, d, cfg.run.strategy)
+    params = patch.adapter_parameters(model)  # after wrap: FSDP2 replaces them by shards
     optimizer = optim.build_optimizer(params, cfg.optim)
     scheduler = optim.build_scheduler(optimizer, cfg.optim)
-    wrapped = distributed.wrap(model, d, cfg.run.strategy, cfg.run.save_every)
     return _State(model, wrapped, params, optimizer, scheduler)
 
 
@@ -146,9 +175,16 @@ def _maybe_resume(cfg: TrainConfig, state: _State, d: distributed.Dist) -> int |
             print(f"--resume: no checkpoint in {cfg.run.output_dir}/checkpoints; starting from step 0")
         return 0
     step, path = found[-1]
-    saved = checkpoint.load(path)
-    patch.load_adapter_state_dict(state.model, saved["adapter"])
-    state.optimizer.load_state_dict(saved["optimizer"])
+    sharded = distributed.is_sharded(d, cfg.run.strategy)
+    if path.is_dir() != sharded:
+        raise ValueError(f"--resume: {str(path)!r} was written {'with' if path.is_dir() else 'without'} FSDP; "
+                         f"resume with the same run.strategy and number of processes")
+    if sharded:
+        saved = sharded_checkpoint.load(path, state.model, state.optimizer)
+    else:
+        saved = checkpoint.load(path)
+        patch.load_adapter_state_dict(state.model, saved["adapter"])
+        state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
     rngs = saved["rng"]
     if len(rngs) == d.world_size:
@@ -167,13 +203,15 @@ def _save_checkpoint(cfg: TrainConfig, state: _State, d: distributed.Dist, out: 
     if d.enabled:
         rngs = [None] * d.world_size
         torch.distributed.all_gather_object(rngs, rng)
-    if d.is_main:
+    trainer_state = {"step": state.step, "scheduler": state.scheduler.state_dict(), "rng": rngs}
+    if distributed.is_sharded(d, cfg.run.strategy):  # every rank writes its shards
+        sharded_checkpoint.save(out, state.step, state.model, state.optimizer, trainer_state,
+                                cfg.run.keep_checkpoints, d.is_main)
+    elif d.is_main:
         checkpoint.save(out, state.step, {
-            "step": state.step,
+            **trainer_state,
             "adapter": {k: v.detach().cpu().clone() for k, v in patch.adapter_state_dict(state.model).items()},
             "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict(),
-            "rng": rngs,
         }, cfg.run.keep_checkpoints)
 
 
@@ -189,9 +227,7 @@ def _run_steps(cfg: TrainConfig, state: _State, d: distributed.Dist, order: Data
         for micro in range(o.grad_accum):
             batch = collate([examples[i] for i in order.micro_batch(state.step, micro, d.rank)])
             batch = {k: v.to(d.device) for k, v in batch.items()}
-            last_micro = micro == o.grad_accum - 1
-            sync = nullcontext() if last_micro or not hasattr(state.wrapped, "no_sync") else state.wrapped.no_sync()
-            with sync:
+            with distributed.accumulating(state.wrapped, sync=micro == o.grad_accum - 1):
                 with optim.autocast(cfg.run.precision, d.device):
                     loss = state.wrapped(**batch).loss
                 scaled = loss / o.grad_accum
@@ -249,19 +285,3 @@ def _finish(cfg: TrainConfig, out: Path, result: TrainResult, start: float, trai
         "wall_time_s": round(result.wall_time_s, 2), "peak_memory_mb": round(result.peak_memory_mb, 1),
         "trainable_parameters": trainable,
     })
-
-
-def pad_collate(pad_id: int) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
-    """Right-pad ``input_ids`` with ``pad_id`` and ``labels`` with -100 (no loss on padding)."""
-    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-        n = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), n), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            k = len(r["input_ids"])
-            ids[i, :k] = torch.tensor(r["input_ids"])
-            labels[i, :k] = torch.tensor(r["labels"])
-            mask[i, :k] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    return collate
