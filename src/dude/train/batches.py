@@ -5,14 +5,12 @@ generator seeded with ``seed + epoch``. Optimizer step ``s`` consumes the global
 at positions ``[s*G, (s+1)*G)`` of the stream, ``G = batch_size * grad_accum * world``;
 micro-batch ``k`` of rank ``r`` is slice ``k*world + r`` of it. So a resumed run needs
 only the step number to continue the same order, and 2 ranks with accumulation 1 see
-exactly the micro-batches that 1 rank sees with accumulation 2. ``pad_collate`` makes
-a micro-batch of them.
+exactly the micro-batches that 1 rank sees with accumulation 2.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable
 
 import torch
 
@@ -43,19 +41,3 @@ class DataOrder:
 
     def epoch_of(self, step: int) -> float:
         return step * self.global_batch / self.n
-
-
-def pad_collate(pad_id: int) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
-    """Right-pad ``input_ids`` with ``pad_id`` and ``labels`` with -100 (no loss on padding)."""
-    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-        n = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), n), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            k = len(r["input_ids"])
-            ids[i, :k] = torch.tensor(r["input_ids"])
-            labels[i, :k] = torch.tensor(r["labels"])
-            mask[i, :k] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    return collate

@@ -13,6 +13,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,10 +22,11 @@ import torch
 from torch import nn
 
 from .. import patch
+from ..data import collate_sft
 from ..io import load as load_adapter
 from ..io import save as save_adapter
 from . import checkpoint, distributed, optim, rundir, sharded_checkpoint
-from .batches import DataOrder, pad_collate
+from .batches import DataOrder
 from .config import TrainConfig
 from .options import to_dict
 from .progress import Progress
@@ -102,7 +104,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, start: float, model: nn.Module
         from .tasks import training_set
 
         examples, collate = training_set(cfg.data, tokenizer, log=d.is_main)
-    collate = collate or pad_collate(tokenizer.pad_token_id)
+    collate = collate or partial(collate_sft, pad_token_id=tokenizer.pad_token_id)
     state = _setup(cfg, model, d)
     del model  # state.model from here on (under FSDP, sharded)
     resumed = _maybe_resume(cfg, state, d) if cfg.run.resume else None
