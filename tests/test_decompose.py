@@ -58,7 +58,8 @@ def test_factored_row_norm_equals_dense_norm():
     g = torch.Generator().manual_seed(1)
     residual, a, b = torch.randn(40, 24, generator=g), torch.randn(4, 24, generator=g), torch.randn(40, 4, generator=g)
     dense = decompose.row_norm_dense(residual + 0.7 * b @ a)
-    factored = decompose.row_norm_factored(residual, decompose.row_sq_norm(residual), a, b, 0.7)
+    factored = decompose.row_norm_factored(
+        decompose.times_transpose_fp32(residual, a), decompose.row_sq_norm(residual), a, b, 0.7)
     assert factored.dtype == torch.float32 and factored.shape == (40,)
     torch.testing.assert_close(factored, dense, rtol=1e-5, atol=1e-5)
 
@@ -68,7 +69,8 @@ def test_factored_row_norm_in_half_precision_accumulates_in_float32(monkeypatch)
     g = torch.Generator().manual_seed(2)
     residual = torch.randn(30, 16, generator=g).to(torch.bfloat16)
     a, b = torch.randn(3, 16, generator=g), torch.randn(30, 3, generator=g)
-    factored = decompose.row_norm_factored(residual, decompose.row_sq_norm(residual), a, b, 2.0)
+    factored = decompose.row_norm_factored(
+        decompose.times_transpose_fp32(residual, a), decompose.row_sq_norm(residual), a, b, 2.0)
     dense = decompose.row_norm_dense(residual.float() + 2.0 * b @ a)
     torch.testing.assert_close(factored, dense, rtol=1e-5, atol=1e-5)
 

@@ -4,6 +4,7 @@ resume after SIGKILL that ends bit-identical, the NaN stop, the output-dir guard
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -204,3 +205,27 @@ def test_resume_after_sigkill_is_bit_identical(tiny_dir, tmp_path):
     losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
               for d in (tmp_path / "full", killed_dir)]
     assert losses[0] == losses[1] and len(losses[0]) == steps
+
+
+def test_resume_on_a_4bit_base_is_bit_identical(tiny_dir, tmp_path):
+    """QDuDe (residual in NF4, two LoftQ alternations) resumed by a fresh process from a
+    step-3 checkpoint: the 4-bit model is rebuilt from the base and ends bit-identical."""
+    def run(out: Path, *extra: str) -> str:
+        proc = _cli(tiny_train_args(tiny_dir, out, 6, "--quantize", "nf4", "--quant-iters", "2", "--save-every", "3",
+                                    "--keep-checkpoints", "0", *extra))
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output
+        return output
+
+    run(tmp_path / "full")
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "summary.json", "checkpoints/step-000006.pt"):
+        (cut / name).unlink(missing_ok=True)
+    assert [s for s, _ in list_checkpoints(cut)] == [3]
+    assert f"continuing from {cut / 'checkpoints' / 'step-000003.pt'}" in run(cut, "--resume")
+    a, b = _adapter(tmp_path / "full"), _adapter(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+              for d in (tmp_path / "full", cut)]
+    assert losses[0] == losses[1] and len(losses[0]) == 6

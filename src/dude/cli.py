@@ -42,6 +42,9 @@ ADAPTER_HELP = {  # dude.AdapterConfig documents its fields in its docstring, no
     "svd_oversample": "extra directions of the randomized SVD",
     "seed": "seed of the randomized SVD and of LoRA's Kaiming init",
     "detach_norm": "treat the DoRA/DuDe row norm as a constant in backward",
+    "quantize": "nf4 or fp4: frozen part in 4 bits (QLoRA, QDoRA, QPiSSA, QDuDe; bitsandbytes); empty: full precision",
+    "quant_iters": "T > 1: LoftQ-style alternations of the pissa/dude split and the 4-bit residual",
+    "quant_magnitude": "DoRA/DuDe m0 on a 4-bit base: full (||W||_row) or quantized (||deq(Q) + s B0 A0||_row)",
 }
 
 

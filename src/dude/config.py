@@ -8,6 +8,8 @@ from typing import Any
 
 METHODS = ("lora", "dora", "pissa", "dude")
 SVD_KINDS = ("exact", "randomized")
+QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' 4-bit codes
+QUANT_MAGNITUDES = ("full", "quantized")
 
 # All seven projection types of a Llama-style decoder block.
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -41,6 +43,16 @@ class AdapterConfig:
         svd_oversample: extra random directions per Krylov block.
         seed: seeds the randomized SVD and the Kaiming init of ``A``.
         detach_norm: treat the row norm as a constant in backward (DoRA section 4.3).
+        quantize: ``nf4`` or ``fp4`` keeps the frozen part in 4 bits (bitsandbytes, block
+            size 64): the residual ``W - s B0 A0`` for pissa/dude (QPiSSA, QDuDe), the weight
+            itself for lora/dora (QLoRA, QDoRA). ``None``: full precision. docs/QDUDE.md.
+        quant_iters: ``T``; ``T > 1`` alternates LoftQ-style for pissa/dude: the top-r factors
+            of ``W - deq(Q)`` are recomputed and the residual requantized, ``T - 1`` times
+            (no effect on lora/dora, whose frozen part is ``W`` itself).
+        quant_magnitude: the DoRA/DuDe magnitude at init on a quantized base: ``full``,
+            ``m0 = ||W||_row`` of the full-precision weight (each row keeps its original norm,
+            absorbing part of the quantization error), or ``quantized``,
+            ``m0 = ||deq(Q) + s B0 A0||_row`` (the model starts as the quantized model).
     """
 
     method: str = "dude"
@@ -55,6 +67,9 @@ class AdapterConfig:
     svd_oversample: int = 8
     seed: int = 0
     detach_norm: bool = True
+    quantize: str | None = None
+    quant_iters: int = 1
+    quant_magnitude: str = "full"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -75,6 +90,16 @@ class AdapterConfig:
                 setattr(self, name, list(value))
             elif value is not None and not isinstance(value, (list, str)):
                 raise ValueError(f"AdapterConfig.{name} must be a list of names or a regex string")
+        if self.quantize is not None and self.quantize not in QUANT_TYPES:
+            raise ValueError(
+                f"AdapterConfig.quantize must be one of {QUANT_TYPES} or None (full precision), got {self.quantize!r}"
+            )
+        if not isinstance(self.quant_iters, int) or isinstance(self.quant_iters, bool) or self.quant_iters < 1:
+            raise ValueError(f"AdapterConfig.quant_iters must be an integer >= 1, got {self.quant_iters!r}")
+        if self.quant_magnitude not in QUANT_MAGNITUDES:
+            raise ValueError(
+                f"AdapterConfig.quant_magnitude must be one of {QUANT_MAGNITUDES}, got {self.quant_magnitude!r}"
+            )
         if not self.target_modules:
             raise ValueError("AdapterConfig.target_modules is empty: name at least one module")
 

@@ -77,7 +77,7 @@ def residual_weight(weight: torch.Tensor, b0: torch.Tensor, a0: torch.Tensor, sc
     return torch.addmm(w32, b0.to(torch.float32), a0.to(torch.float32), alpha=-scaling).to(weight.dtype)
 
 
-def _times_transpose_fp32(weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def times_transpose_fp32(weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``weight @ factor^T`` in float32 (out, r), without a float32 copy of a half weight."""
     factor = factor.to(torch.float32)
     if weight.dtype == torch.float32:
@@ -92,7 +92,7 @@ def row_sq_norm(weight: torch.Tensor) -> torch.Tensor:
 
 
 def row_norm_factored(
-    residual: torch.Tensor,
+    residual_a: torch.Tensor,
     residual_sq_norm: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
@@ -103,14 +103,15 @@ def row_norm_factored(
         ||W_res + sBA||^2 = ||W_res||^2 + 2s rowsum((W_res A^T) * B) + s^2 rowsum((B (A A^T)) * B)
 
     The same O(out * in * r) work as forming ``B @ A``, but no (out, in) temporary and no
-    second pass over it; ``residual_sq_norm`` is ``row_sq_norm(residual)``, constant while
-    the residual is frozen.
+    second pass over it; ``residual_a`` is ``W_res A^T`` (out, r) in float32
+    (``times_transpose_fp32``, or a 4-bit matmul for a quantized residual), and
+    ``residual_sq_norm`` is ``row_sq_norm(residual)``, constant while the residual is frozen.
     """
     a32, b32 = lora_a.to(torch.float32), lora_b.to(torch.float32)
     # Both terms as one (out, r) matrix, 2s W_res A^T + s^2 B (A A^T), then one row-wise dot
     # with B: few ops, since this runs on every training forward of every layer.
     gram = a32 @ a32.T  # (r, r)
-    terms = torch.addmm(_times_transpose_fp32(residual, a32), b32, gram, beta=2.0 * scaling, alpha=scaling * scaling)
+    terms = torch.addmm(residual_a, b32, gram, beta=2.0 * scaling, alpha=scaling * scaling)
     sq = torch.linalg.vecdot(terms, b32, dim=1) + residual_sq_norm  # (out,)
     return sq.clamp_min(0.0).sqrt()
 

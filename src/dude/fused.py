@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import torch
 
+from . import frozen
+
 
 def adapter_matmuls(
     x: torch.Tensor,
     dropped: torch.Tensor | None,
-    residual: torch.Tensor,
+    residual: frozen.Frozen,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scaling: float,
@@ -35,7 +37,7 @@ def adapter_matmuls(
     ``drop(x)``, or ``None`` when the dropout is the identity.
     """
     src = x if dropped is None else dropped
-    out = x @ residual.T  # (N, out), the only full-size allocation
+    out = frozen.linear(x, residual)  # (N, out), the only full-size allocation
     h = src.to(lora_a.dtype) @ lora_a.T  # (N, r), adapter precision (float32 for half models)
     if out.dtype == lora_b.dtype:
         out.addmm_(h, lora_b.T, alpha=scaling)
@@ -55,23 +57,23 @@ class AdapterFunction(torch.autograd.Function):
             if ctx.needs_input_grad[6] and not bool((scale != 0).all()):
                 pre_scale = out.clone()  # z / g is undefined on these rows: keep what autograd keeps
             out.mul_(scale.to(out.dtype))
-        ctx.scaling = scaling
+        ctx.scaling, ctx.residual = scaling, residual  # a tensor, or a 4-bit frozen.QuantizedWeight
         ctx.has_dropped, ctx.has_scale, ctx.has_pre_scale = dropped is not None, scale is not None, pre_scale is not None
         keep_out = scale is not None and ctx.needs_input_grad[6] and pre_scale is None
         ctx.save_for_backward(
-            x if dropped is None else dropped, residual, lora_a, lora_b, h, scale,
+            x if dropped is None else dropped, lora_a, lora_b, h, scale,
             out if keep_out else None, pre_scale,
         )
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        src, residual, lora_a, lora_b, h, scale, out, pre_scale = ctx.saved_tensors
+        src, lora_a, lora_b, h, scale, out, pre_scale = ctx.saved_tensors
         s = ctx.scaling
         grad_x = grad_dropped = grad_a = grad_b = grad_scale = None
         d_out = grad if scale is None else grad * scale.to(grad.dtype)  # (N, out), dL/d(pre-scale)
         if ctx.needs_input_grad[0]:
-            grad_x = d_out @ residual  # (N, in)
+            grad_x = frozen.input_grad(d_out, ctx.residual)  # (N, in)
         d_lora = d_out if d_out.dtype == lora_b.dtype else d_out.to(lora_b.dtype)
         d_h = torch.mm(d_lora, lora_b).mul_(s)  # (N, r)
         if ctx.needs_input_grad[3]:
@@ -101,7 +103,7 @@ class AdapterFunction(torch.autograd.Function):
 def adapter_forward(
     x: torch.Tensor,
     dropped: torch.Tensor | None,
-    residual: torch.Tensor,
+    residual: frozen.Frozen,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scaling: float,

@@ -15,6 +15,7 @@ safetensors metadata. Nothing here unpickles.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
+from .frozen import is_linear4bit
 from .layer import is_conv1d
 from .patch import adapter_layers, apply, find_targets, get_config, merge
 
@@ -157,8 +159,10 @@ def _split_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
 
 
 def _check_shapes(name: str, parts: dict[str, torch.Tensor], module: nn.Module, config: AdapterConfig) -> None:
-    weight = module.weight.T if is_conv1d(module) else module.weight
-    out_features, in_features = weight.shape
+    if is_linear4bit(module):
+        out_features, in_features = module.weight.quant_state.shape
+    else:
+        out_features, in_features = (module.weight.T if is_conv1d(module) else module.weight).shape
     rank = config.r * (2 if config.svd_init else 1)
     expected = {"A": (rank, in_features), "B": (out_features, rank)}
     if config.magnitude:
@@ -173,15 +177,20 @@ def _check_shapes(name: str, parts: dict[str, torch.Tensor], module: nn.Module, 
             )
 
 
-def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load(model: nn.Module, directory: str | os.PathLike, *, full_precision: bool = False) -> nn.Module:
     """Read an adapter directory (``dude.save`` or PEFT LoRA/DoRA) into ``model``, in place.
 
     The layers come back trainable; for PiSSA and DuDe the trained and the frozen
     initial factors are recovered exactly, and the residual is recomputed bit-identically.
+    An adapter trained on a 4-bit base (``AdapterConfig.quantize``) rebuilds the same
+    quantized model from the full-precision ``model``; ``full_precision=True`` applies it
+    to the full-precision weights instead (``W + s B' A'``, the model to deploy and merge).
     """
     directory = Path(directory)
     peft_config, metadata, tensors = _read_adapter(directory)
     config = _config_from_files(peft_config, metadata)
+    if full_precision:
+        config = dataclasses.replace(config, quantize=None)
     modules = _split_tensors(tensors)
     targets = find_targets(model, config)
     if set(targets) != set(modules):

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import decompose, fused
+from . import decompose, frozen, fused
 from .config import AdapterConfig
+from .frozen import QuantizedWeight, is_linear4bit
+from .quantize import principal_factors, quantized_split
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -34,6 +36,60 @@ def _check_weight(weight: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: weight contains NaN or inf values; refusing to decompose it")
 
 
+def _check_rank(config: AdapterConfig, shape: tuple[int, int], name: str) -> None:
+    if config.r > min(shape):
+        raise ValueError(
+            f"{name}: rank r={config.r} exceeds min(out, in) = {min(shape)} of its "
+            f"{tuple(shape)} weight; lower AdapterConfig.r or exclude the layer (exclude_modules)"
+        )
+
+
+def _prequantized(linear: nn.Module, config: AdapterConfig, name: str) -> QuantizedWeight:
+    """The codes of a layer transformers already loaded in 4 bits (QLoRA, QDoRA on it)."""
+    state = linear.weight.quant_state
+    if config.svd_init:
+        raise ValueError(
+            f"{name} is already 4-bit (bitsandbytes {type(linear).__name__}): method={config.method!r} needs the "
+            "full-precision weight (for its SVD, and on load for the residual W - s B0 A0; packed 4-bit data is no "
+            "weight to decompose). Load the model "
+            f"in full precision (no load_in_4bit) and pass AdapterConfig(quantize={state.quant_type!r}): dude "
+            "quantizes the residual itself (QPiSSA/QDuDe)"
+        )
+    if config.quantize is not None and config.quantize != state.quant_type:
+        raise ValueError(
+            f"{name} is already {state.quant_type} (bitsandbytes {type(linear).__name__}) but "
+            f"AdapterConfig.quantize={config.quantize!r}: load the model in full precision to requantize it, "
+            "or set quantize to None or to the base's type"
+        )
+    _check_rank(config, tuple(state.shape), name)
+    return QuantizedWeight.from_linear4bit(linear)
+
+
+def _frozen_part(
+    linear: nn.Module, config: AdapterConfig, name: str, factors: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor | QuantizedWeight, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+    """``(frozen part, (B0, A0) or None, full-precision weight (out, in) or None)`` of a layer.
+
+    The frozen part is ``W - s B0 A0`` (pissa/dude) or ``W`` (lora/dora), dense, or in 4 bits
+    with ``config.quantize`` (quantize.py), or the codes of a bitsandbytes ``Linear4bit``.
+    """
+    if is_linear4bit(linear):
+        return _prequantized(linear, config, name), None, None
+    weight = linear.weight.T if is_conv1d(linear) else linear.weight  # (out, in)
+    _check_weight(weight, name)
+    _check_rank(config, weight.shape, name)
+    weight, loaded = weight.detach(), factors is not None
+    if config.svd_init and not loaded:
+        factors = principal_factors(weight, config)
+    if config.quantize is not None:  # on load, the saved B0, A0 give the same Q: no alternation
+        quantized, factors = quantized_split(weight, config, factors, refine=not loaded, name=name)
+        return quantized, factors, weight
+    if config.svd_init:
+        return decompose.residual_weight(weight, *factors, config.scaling), factors, weight
+    # LoRA/DoRA: the residual is the weight itself, shared, not copied.
+    return (weight.contiguous() if is_conv1d(linear) else weight), None, weight
+
+
 class AdapterLinear(nn.Module):
     """DuDe (arXiv:2505.14367), and LoRA, DoRA, PiSSA as the other corners of one layer.
 
@@ -43,7 +99,9 @@ class AdapterLinear(nn.Module):
 
     ``residual`` is the frozen part: ``W - s B0 A0`` with ``B0, A0`` the top-r singular
     factors (PiSSA, DuDe), or ``W`` itself (LoRA, DoRA, where ``B0 = 0``). It is named for
-    what it is, so a stock checkpoint cannot be loaded into it by accident. ``lora_A``
+    what it is, so a stock checkpoint cannot be loaded into it by accident; with
+    ``config.quantize`` it is a 4-bit ``frozen.QuantizedWeight`` (QLoRA, QDoRA, QPiSSA,
+    QDuDe), and every use of it goes through ``frozen``'s functions. ``lora_A``
     (r, in), ``lora_B`` (out, r) and ``magnitude`` (out,) train; they are kept in
     float32 when the base is half precision (as PEFT's ``autocast_adapter_dtype``).
     ``lora_A0``/``lora_B0`` keep the initial factors of PiSSA and DuDe for exact export.
@@ -78,7 +136,8 @@ class AdapterLinear(nn.Module):
         self.origin = origin or nn.Linear
         adapter_dtype = torch.float32 if residual.dtype in (torch.float16, torch.bfloat16) else residual.dtype
         factory = dict(device=residual.device, dtype=adapter_dtype)
-        self.residual = nn.Parameter(residual, requires_grad=False)
+        # A 4-bit QuantizedWeight is a submodule; a dense residual a frozen parameter.
+        self.residual = residual if isinstance(residual, QuantizedWeight) else nn.Parameter(residual, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.lora_A = nn.Parameter(torch.zeros(config.r, in_features, **factory))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, **factory))  # (out, r)
@@ -111,29 +170,12 @@ class AdapterLinear(nn.Module):
         ``A`` Kaiming-uniform (a = sqrt(5), as PEFT) from ``generator`` and set ``B = 0``.
         """
         conv1d = is_conv1d(linear)
-        weight = linear.weight.T if conv1d else linear.weight  # (out, in)
-        _check_weight(weight, name)
-        if config.r > min(weight.shape):
-            raise ValueError(
-                f"{name}: rank r={config.r} exceeds min(out, in) = {min(weight.shape)} of its "
-                f"{tuple(weight.shape)} weight; lower AdapterConfig.r or exclude the layer (exclude_modules)"
-            )
         with torch.no_grad():
-            if config.svd_init:
-                if initial_factors is None:
-                    u, s, vh = decompose.top_singular(
-                        weight.detach().to(torch.float32), config.r, randomized=config.svd == "randomized",
-                        niter=config.svd_niter, oversample=config.svd_oversample, seed=config.seed,
-                    )
-                    initial_factors = decompose.principal_factors(u, s, vh, config.scaling)
-                b0, a0 = initial_factors
-                residual = decompose.residual_weight(weight.detach(), b0, a0, config.scaling)
-            else:
-                # LoRA/DoRA: the residual is the weight itself, shared, not copied.
-                residual = weight.detach().contiguous() if conv1d else weight.detach()
+            residual, initial_factors, weight = _frozen_part(linear, config, name, initial_factors)
             bias = None if linear.bias is None else linear.bias.detach()
             layer = cls(residual, bias, config, fan_in_fan_out=conv1d, origin=type(linear))
             if config.svd_init:
+                b0, a0 = initial_factors
                 for buf, param, value in ((layer.lora_A0, layer.lora_A, a0), (layer.lora_B0, layer.lora_B, b0)):
                     buf.copy_(value)
                     param.copy_(value)
@@ -141,7 +183,9 @@ class AdapterLinear(nn.Module):
                 # Drawn on the CPU so one seeded generator serves any device.
                 lora_a = torch.empty(layer.lora_A.shape, dtype=layer.lora_A.dtype)
                 layer.lora_A.copy_(nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator))
-            if layer.magnitude is not None:
+            if layer.magnitude is not None and config.quantize is not None and config.quant_magnitude == "full":
+                layer.magnitude.copy_(decompose.row_norm_dense(weight))  # ||W||, not ||deq(Q) + s B0 A0||
+            elif layer.magnitude is not None:
                 # m0 by the same function as the forward's norm: g is exactly 1 at init.
                 layer.magnitude.copy_(layer.weight_row_norm())
         return layer
@@ -153,16 +197,17 @@ class AdapterLinear(nn.Module):
         return [p for p in (self.lora_A, self.lora_B, self.magnitude) if p is not None]
 
     def _residual_sq_norm(self) -> torch.Tensor:
-        key = (self.residual.data_ptr(), self.residual._version)
+        key = frozen.version(self.residual)
         if self._res_sq_cache is None or self._res_sq_cache[0] != key:
             with torch.no_grad():
-                self._res_sq_cache = (key, decompose.row_sq_norm(self.residual))
+                self._res_sq_cache = (key, frozen.row_sq_norm(self.residual))
         return self._res_sq_cache[1]
 
     def weight_row_norm(self) -> torch.Tensor:
         """``||W_res + s B A||`` per output row, float32 (out,); differentiable in A and B."""
         return decompose.row_norm_factored(
-            self.residual, self._residual_sq_norm(), self.lora_A, self.lora_B, self.scaling
+            frozen.times_transpose(self.residual, self.lora_A), self._residual_sq_norm(), self.lora_A, self.lora_B,
+            self.scaling,
         )
 
     def magnitude_scale(self) -> torch.Tensor:
@@ -175,7 +220,7 @@ class AdapterLinear(nn.Module):
             with torch.no_grad():
                 norm = self.weight_row_norm()
             return self.magnitude.to(torch.float32) / norm
-        key = tuple((t.data_ptr(), t._version) for t in (self.residual, self.lora_A, self.lora_B))
+        key = (frozen.version(self.residual), *((t.data_ptr(), t._version) for t in (self.lora_A, self.lora_B)))
         if self._norm_cache is None or self._norm_cache[0] != key:
             with torch.no_grad():
                 self._norm_cache = (key, self.weight_row_norm())
@@ -199,7 +244,7 @@ class AdapterLinear(nn.Module):
 
     def forward_autograd(self, x: torch.Tensor) -> torch.Tensor:
         """The same function by plain autograd ops (used under autocast, and as a baseline)."""
-        base = F.linear(x, self.residual)  # (..., out), one base matmul even with dropout
+        base = frozen.linear(x, self.residual)  # (..., out), one base matmul even with dropout
         hidden = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
         update = F.linear(hidden, self.lora_B * self.scaling)  # (..., out)
         out = base + update.to(base.dtype)
@@ -214,7 +259,7 @@ class AdapterLinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The dense weight this layer computes, float32 (out, in)."""
-        return decompose.merged_weight(self.residual, self.lora_A, self.lora_B, self.scaling, self.magnitude)
+        return decompose.merged_weight(frozen.dense(self.residual), self.lora_A, self.lora_B, self.scaling, self.magnitude)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Module:

@@ -25,8 +25,9 @@ def _base_path(model: ModelConfig, adapter: str | None) -> str | None:
     return None
 
 
-def load_for(model: ModelConfig, adapter: str | None) -> tuple[Any, Any, str | None]:
-    """(model, tokenizer, base path): the base model with ``adapter`` loaded (dude layers)."""
+def load_for(model: ModelConfig, adapter: str | None, full_precision: bool = False) -> tuple[Any, Any, str | None]:
+    """(model, tokenizer, base path): the base model with ``adapter`` loaded (dude layers;
+    ``full_precision``: an adapter trained on a 4-bit base applied to the full-precision weights)."""
     from .. import load as load_adapter
     from ..hub import load_model
 
@@ -35,7 +36,7 @@ def load_for(model: ModelConfig, adapter: str | None) -> tuple[Any, Any, str | N
     base = _base_path(model, adapter)
     lm, tokenizer = load_model(base, dtype=getattr(torch, model.dtype))
     if adapter is not None:
-        load_adapter(lm, adapter)
+        load_adapter(lm, adapter, full_precision=full_precision)
     return lm, tokenizer, base
 
 
@@ -65,7 +66,7 @@ def run_export(cfg: ExportConfig) -> Path:
     """Adapter directory -> merged ``save_pretrained`` folder (with the tokenizer)."""
     from .. import export_merged
 
-    model, tokenizer, _ = load_for(cfg.model, cfg.export.adapter)
+    model, tokenizer, _ = load_for(cfg.model, cfg.export.adapter, cfg.export.full_precision)
     path = export_merged(model, cfg.export.output_dir, tokenizer, overwrite=cfg.export.overwrite)
     print(f"exported merged model to {path}")
     return path

@@ -169,6 +169,8 @@ class ExportTarget:
     adapter: str = opt("", "adapter directory written by dude train / dude.save (required)")
     output_dir: str = opt("", "merged model folder to write (required)")
     overwrite: bool = opt(False, "replace a non-empty output_dir")
+    full_precision: bool = opt(False, "an adapter trained on a 4-bit base (quantize): merge it into the "
+                                      "full-precision weights (the model to deploy), not into deq(Q)")
 
     def __post_init__(self) -> None:
         if not self.adapter:
