@@ -59,6 +59,7 @@ def test_paper_recipes_have_the_paper_shape():
     for cfg in paper:
         assert cfg.model.name_or_path and cfg.model.dtype == "bfloat16"
         assert cfg.adapter.r >= 64 and cfg.data.task == "file"
+        assert cfg.data.format == "metamath" and cfg.data.eval_fraction == 0  # MetaMathQA as published
         assert any(t.startswith("file:") and "gsm8k" in t for t in cfg.eval.tasks)
         assert any(t.startswith("file:") and "mmlu" in t for t in cfg.eval.tasks)
 

@@ -6,33 +6,42 @@
     mmlu = load_task("mmlu_dev")                         # 282 MMLU dev questions
     siqa = load_task("bigbench_social_iqa", "test")     # seeded held-out split
     mine = load_task("file", "train", path="data.jsonl", format="math")
+    alpaca = load_task("file", "test", path="alpaca.jsonl", test_fraction=0.1)  # seeded split
 
 Tasks (``TASKS``): ``gsm_symbolic``, ``mmlu_dev``, ``gsm8k_fewshot``, ``bigbench_<name>``
-for each of ``BIGBENCH_TASKS``, and ``file`` (user JSON/JSONL/parquet).
-Example formats: see ``dude.data.prompts``.
+for each of ``BIGBENCH_TASKS``, and ``file`` (user JSON/JSONL/parquet in any format of
+``dude.data.formats``). Example kinds: see ``dude.data.prompts``.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
-from .files import FILE_FORMATS, load_file
+from .files import FILE_FORMATS, describe, load_file, read_file
 from .gsm_symbolic import gsm_symbolic, template_split
 from .packages import BIGBENCH_TASKS, bigbench_examples, gsm8k_fewshot, mmlu_dev
 from .prompts import example_kind, prompt_and_response
 from .sft import IGNORE_INDEX, build_sft_examples, collate_sft
 
 __all__ = ["BIGBENCH_TASKS", "FILE_FORMATS", "IGNORE_INDEX", "TASKS", "build_sft_examples",
-           "collate_sft", "example_kind", "load_task", "prompt_and_response", "task_kind",
-           "template_split"]
+           "collate_sft", "describe", "example_kind", "held_out", "load_file", "load_task",
+           "prompt_and_response", "read_file", "task_kind", "template_split"]
 
 TASKS = ("gsm_symbolic", "mmlu_dev", "gsm8k_fewshot",
          *(f"bigbench_{name}" for name in BIGBENCH_TASKS), "file")
 
 
-def _held_out(examples: list[dict], split: str, test_fraction: float, seed: int,
-              name: str) -> list[dict]:
+def _question(example: dict) -> str:
+    """What two examples must not share across a split: the question or prompt text."""
+    if "messages" in example:
+        return json.dumps(example["messages"][:example["prompt_turns"] or 1])
+    return example["question"] if "question" in example else example["prompt"]
+
+
+def held_out(examples: list[dict], split: str, test_fraction: float, seed: int,
+             name: str) -> list[dict]:
     """A seeded train/test cut of a task without an official split.
 
     Examples that share a question text (BIG-bench repeats some inputs with other
@@ -40,10 +49,17 @@ def _held_out(examples: list[dict], split: str, test_fraction: float, seed: int,
     """
     if split not in ("train", "test"):
         raise ValueError(f"{name}: unknown split {split!r}; choose 'train' or 'test'")
-    questions = sorted({ex["question"] for ex in examples})
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"{name}: the held-out fraction must be in (0, 1), got {test_fraction}")
+    questions = sorted({_question(ex) for ex in examples})
     random.Random(seed).shuffle(questions)
-    test_questions = set(questions[:round(len(questions) * test_fraction)])
-    chosen = [ex for ex in examples if (ex["question"] in test_questions) == (split == "test")]
+    n_test = round(len(questions) * test_fraction)
+    if not 0 < n_test < len(questions):
+        raise ValueError(f"{name}: holding out {test_fraction} of {len(questions)} distinct prompts leaves "
+                         f"{n_test} for test and {len(questions) - n_test} for training; change the fraction "
+                         "(data.eval_fraction; 0: no split) or give a held-out file (data.eval_path)")
+    test_questions = set(questions[:n_test])
+    chosen = [ex for ex in examples if (_question(ex) in test_questions) == (split == "test")]
     random.Random(seed).shuffle(chosen)  # a limit then takes a random sample
     return chosen
 
@@ -56,12 +72,14 @@ def load_task(name: str, split: str = "train", *, limit: int | None = None,
         name: one of ``TASKS``.
         split: ``train`` or ``test`` (``gsm_symbolic`` also ``test_original`` and
             ``train_original``; ``mmlu_dev`` and ``gsm8k_fewshot`` have one split, any
-            value is accepted; ``file`` ignores it: the file is the split).
+            value is accepted; ``file`` ignores it unless ``test_fraction`` is given:
+            then the file is cut as BIG-bench tasks are).
         limit: keep the first ``limit`` examples; splits come in a seeded random order.
         seed: seed of the train/test cut.
         test_fraction: share held out for test (default 0.3 for gsm_symbolic templates,
-            0.2 for BIG-bench examples).
-        options: ``file``: ``path`` (required) and ``format``; ``gsm_symbolic``:
+            0.2 for BIG-bench examples; none for ``file``).
+        options: ``file``: ``path`` (required), ``format`` and ``columns`` (see
+            ``dude.data.files.load_file``); ``gsm_symbolic``:
             ``variants_per_template``.
     """
     if limit is not None and limit < 1:
@@ -75,14 +93,20 @@ def load_task(name: str, split: str = "train", *, limit: int | None = None,
         examples = gsm8k_fewshot()
     elif name.startswith("bigbench_") and name[len("bigbench_"):] in BIGBENCH_TASKS:
         all_examples = bigbench_examples(name[len("bigbench_"):])
-        examples = _held_out(all_examples, split, test_fraction or 0.2, seed, name)
+        examples = held_out(all_examples, split, test_fraction or 0.2, seed, name)
     elif name == "file":
         if "path" not in options:
             raise ValueError("task 'file' needs option 'path' (a JSON, JSONL or parquet file)")
-        return load_file(options["path"], options.get("format"), limit)
+        unknown = sorted(set(options) - {"path", "format", "columns"})
+        if unknown:
+            raise ValueError(f"task 'file' takes no option(s) {unknown}")
+        if test_fraction is None:
+            return load_file(options["path"], options.get("format"), limit, options.get("columns"))
+        examples = held_out(load_file(options["path"], options.get("format"), None, options.get("columns")),
+                            split, test_fraction, seed, f"data file {str(options['path'])!r}")
     else:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
-    if options and name != "gsm_symbolic":
+    if options and name not in ("gsm_symbolic", "file"):
         raise ValueError(f"task {name!r} takes no option(s) {sorted(options)}")
     return examples[:limit] if limit is not None else examples
 

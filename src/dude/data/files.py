@@ -1,14 +1,13 @@
 """User data files: JSON, JSONL or parquet, read with ``datasets`` (offline, local files only).
 
-Three formats, matching ``dude.data.prompts``:
+The format is recognised from the column names (``dude.data.formats``: TRL's
+``messages`` and ``prompt``/``completion``, ShareGPT, Alpaca, MetaMathQA, and dude's own
+``math``, ``multiple_choice`` and ``instruction``), or named with ``format``; ``columns``
+renames the file's columns first, for anything else. Math answers are GSM8K style (final
+``#### n``; a bare number becomes ``#### n``); multiple-choice answers are a 0-based
+index or a letter A-J.
 
-- ``math``:            columns ``question``, ``answer`` (GSM8K style, final ``#### n``;
-                       a bare number is accepted and becomes ``#### n``)
-- ``multiple_choice``: columns ``question``, ``choices`` (list of str), ``answer``
-                       (0-based index, or a letter A-J)
-- ``instruction``:     columns ``prompt``, ``response``
-
-Every problem raises an error that names the path, the option and the field.
+Every problem raises an error that names the path, the row, the option and the field.
 """
 
 from __future__ import annotations
@@ -16,13 +15,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["FILE_FORMATS", "load_file"]
+from .formats import FILE_FORMATS, RowError, detect_format, to_example
+from .prompts import example_kind
 
-FILE_FORMATS = {
-    "math": ("question", "answer"),
-    "multiple_choice": ("question", "choices", "answer"),
-    "instruction": ("prompt", "response"),
-}
+__all__ = ["FILE_FORMATS", "describe", "load_file", "read_file"]
+
 _NUMBER = re.compile(r"^-?\$?\d[\d,]*(\.\d+)?$|^-?\$?\.\d+$")
 
 
@@ -34,17 +31,6 @@ def _builder(path: Path) -> str:
         return "parquet"
     raise ValueError(f"data file {str(path)!r}: unsupported extension {suffix!r} "
                      "(use .json, .jsonl or .parquet)")
-
-
-def _guess_format(columns: list[str], path: Path) -> str:
-    if "choices" in columns:
-        return "multiple_choice"
-    if "question" in columns and "answer" in columns:
-        return "math"
-    if "prompt" in columns and "response" in columns:
-        return "instruction"
-    raise ValueError(f"data file {str(path)!r} has columns {columns}; cannot tell its format: "
-                     f"expected one of {FILE_FORMATS}")
 
 
 def _math_answer(answer: object, row: int, path: Path) -> str:
@@ -74,20 +60,43 @@ def _mc_answer(example: dict, row: int, path: Path) -> int:
     return index
 
 
-def load_file(path: str | Path, format: str | None = None, limit: int | None = None) -> list[dict]:
-    """Read a user data file into example dicts of one of ``FILE_FORMATS``.
+def _rename(ds, columns: dict[str, str] | None, path: Path):
+    """Apply the ``columns`` option: ``{format field: column of the file}``."""
+    if not columns:
+        return ds
+    missing = [c for c in columns.values() if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"option 'columns' names column(s) {missing} that data file {str(path)!r} lacks; "
+                         f"it has {ds.column_names}")
+    clash = [f for f, c in columns.items() if f in ds.column_names and f not in columns.values() and f != c]
+    ds = ds.remove_columns(clash)  # a mapped column replaces one of the same name
+    return ds.rename_columns({c: f for f, c in columns.items() if f != c})
 
-    Args:
-        path: a .json, .jsonl (optionally .gz) or .parquet file.
-        format: ``math``, ``multiple_choice`` or ``instruction``; guessed from the columns
-            when ``None``.
-        limit: keep the first ``limit`` rows.
-    """
+
+def _example(row: dict, fmt: str, i: int, path: Path) -> dict:
+    try:
+        ex = to_example(row, fmt)
+    except RowError as err:
+        raise ValueError(f"data file {str(path)!r}, row {i}: {err}") from None
+    for key, value in ex.items():
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ValueError(f"data file {str(path)!r}, row {i}: field {key!r} is empty")
+    if fmt == "math":
+        ex["question"], ex["answer"] = str(ex["question"]), _math_answer(ex["answer"], i, path)
+    elif fmt == "multiple_choice":
+        ex["answer"] = _mc_answer(ex, i, path)
+        ex["choices"] = [str(c) for c in ex["choices"]]
+    return ex
+
+
+def read_file(path: str | Path, format: str | None = None, limit: int | None = None,
+              columns: dict[str, str] | None = None) -> tuple[list[dict], str]:
+    """``(examples, format)`` of a user data file; see ``load_file``."""
     import datasets
 
     path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist (option 'path')")
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist or is not a file (option 'path')")
     if format is not None and format not in FILE_FORMATS:
         raise ValueError(f"unknown data format {format!r} (option 'format'); "
                          f"choose from {sorted(FILE_FORMATS)}")
@@ -97,25 +106,35 @@ def load_file(path: str | Path, format: str | None = None, limit: int | None = N
     except Exception as err:  # datasets wraps parse errors in many types
         raise ValueError(f"data file {str(path)!r} could not be read as {builder}: "
                          f"{type(err).__name__}: {err}") from err
-    columns = list(ds.column_names)
-    fmt = format or _guess_format(columns, path)
-    missing = [c for c in FILE_FORMATS[fmt] if c not in columns]
+    ds = _rename(ds, columns, path)
+    fmt = format or detect_format(list(ds.column_names), path)
+    missing = [c for c in FILE_FORMATS[fmt][0] if c not in ds.column_names]
     if missing:
         raise ValueError(f"data file {str(path)!r} lacks column(s) {missing} needed by format "
-                         f"{fmt!r}; it has {columns}")
+                         f"{fmt!r}; it has {ds.column_names} (option 'columns' renames them)")
     if len(ds) == 0:
         raise ValueError(f"data file {str(path)!r} is empty (no rows)")
     rows = ds.select(range(min(limit, len(ds)))) if limit is not None else ds
-    out = []
-    for i, row in enumerate(rows):
-        ex = {k: row[k] for k in FILE_FORMATS[fmt]}
-        for key, value in ex.items():
-            if value is None or (isinstance(value, str) and not value.strip()):
-                raise ValueError(f"data file {str(path)!r}, row {i}: field {key!r} is empty")
-        if fmt == "math":
-            ex["question"], ex["answer"] = str(ex["question"]), _math_answer(ex["answer"], i, path)
-        elif fmt == "multiple_choice":
-            ex["answer"] = _mc_answer(ex, i, path)
-            ex["choices"] = [str(c) for c in ex["choices"]]
-        out.append(ex)
-    return out
+    return [_example(row, fmt, i, path) for i, row in enumerate(rows)], fmt
+
+
+def describe(path: str | Path, fmt: str, examples: list[dict]) -> str:
+    """One line saying what was recognised, e.g. for the training log."""
+    required, optional = FILE_FORMATS[fmt]
+    cols = ", ".join(required) + "".join(f", optional {c}" for c in optional)
+    kinds = sorted({example_kind(ex) for ex in examples})
+    return f"data file {str(path)!r}: format {fmt!r} ({cols}) -> {len(examples)} {'/'.join(kinds)} examples"
+
+
+def load_file(path: str | Path, format: str | None = None, limit: int | None = None,
+              columns: dict[str, str] | None = None) -> list[dict]:
+    """Read a user data file into example dicts (kinds of ``dude.data.prompts``).
+
+    Args:
+        path: a .json, .jsonl (optionally .gz) or .parquet file.
+        format: one of ``FILE_FORMATS``; recognised from the columns when ``None``.
+        limit: keep the first ``limit`` rows.
+        columns: rename the file's columns first: ``{format field: file column}``, e.g.
+            ``{"prompt": "question_text", "response": "answer_text"}``.
+    """
+    return read_file(path, format, limit, columns)[0]

@@ -1,10 +1,15 @@
 """How an example becomes text: one prompt format per kind, shared by training and evaluation.
 
-Three kinds of example, told apart by their fields:
+Five kinds of example, told apart by their fields:
 
 - math:            ``{"question": str, "answer": str}`` (GSM8K format, ending ``#### n``)
 - multiple choice: ``{"question": str, "choices": list[str], "answer": int}``
 - instruction:     ``{"prompt": str, "response": str}``
+- completion:      ``{"prompt": str, "completion": str}``: plain text continued as it
+                   stands (TRL's standard prompt-completion), never in a chat template
+- conversation:    ``{"messages": [{"role", "content"}], "prompt_turns": int}``: rendered by
+                   the chat template only; the assistant turns from ``prompt_turns`` on are
+                   the targets (``dude.data.sft``)
 
 ``prompt_and_response`` gives the user-side text and the target text; ``render_prompt``
 wraps the prompt in the tokenizer's chat template when asked (and when it has one), so
@@ -18,7 +23,7 @@ from typing import Any, Literal
 __all__ = ["LETTERS", "MATH_INSTRUCTION", "Kind", "encode_prompt", "example_kind", "mc_prompt",
            "prompt_and_response", "render_prompt", "response_prefix", "use_chat"]
 
-Kind = Literal["math", "multiple_choice", "instruction"]
+Kind = Literal["math", "multiple_choice", "instruction", "completion", "conversation"]
 LETTERS = "ABCDEFGHIJ"
 MATH_INSTRUCTION = ("Solve the math word problem step by step. "
                     "End with a line '#### <number>' giving the final answer.")
@@ -26,14 +31,18 @@ MATH_INSTRUCTION = ("Solve the math word problem step by step. "
 
 def example_kind(example: dict) -> Kind:
     """Which kind an example is, from its fields (see the module docstring)."""
+    if "messages" in example:
+        return "conversation"
     if "choices" in example:
         return "multiple_choice"
     if "question" in example and "answer" in example:
         return "math"
     if "prompt" in example and "response" in example:
         return "instruction"
+    if "prompt" in example and "completion" in example:
+        return "completion"
     raise ValueError(f"example has fields {sorted(example)}; expected question/answer (math), "
-                     "question/choices/answer (multiple choice) or prompt/response (instruction)")
+                     "question/choices/answer (multiple choice), prompt/response (instruction), prompt/completion or messages")
 
 
 def mc_prompt(example: dict, subject: str | None = None) -> str:
@@ -54,6 +63,10 @@ def prompt_and_response(example: dict) -> tuple[str, str]:
     Multiple choice targets the answer letter, the quantity the evaluation scores.
     """
     kind = example_kind(example)
+    if kind == "conversation":
+        raise ValueError("a conversation has no single prompt and response; it is rendered by the chat template")
+    if kind == "completion":
+        return example["prompt"], example["completion"]
     if kind == "math":
         return f"{MATH_INSTRUCTION}\n\n{example['question']}", example["answer"]
     if kind == "multiple_choice":

@@ -38,7 +38,12 @@ class DataConfig:
                                     "date_understanding, elementary_math_qa, logical_deduction), or file")
     path: str | None = opt(None, "task 'file': JSON/JSONL/parquet training file")
     eval_path: str | None = opt(None, "task 'file': held-out file of the same format (eval task 'heldout')")
-    format: str | None = opt(None, "task 'file': math, multiple_choice or instruction (empty: from the columns)")
+    eval_fraction: float = opt(0.1, "task 'file' without eval_path: hold out this share of the file, seeded by "
+                                    "split_seed, as eval set 'heldout' (0: train on every row)")
+    format: str | None = opt(None, "task 'file': messages, sharegpt, prompt_completion, alpaca, metamath, "
+                                   "multiple_choice, math or instruction (empty: from the columns)")
+    columns: dict[str, str] = opt({}, "task 'file': rename the file's columns first, FIELD=COLUMN "
+                                      "(e.g. prompt=question_text response=answer_text)")
     max_length: int = opt(256, "tokens per training example; longer ones are truncated (with a counted warning)")
     limit: int | None = opt(None, "use at most this many training examples (empty: all)")
     split_seed: int = opt(0, "seed of the task's train/held-out split")
@@ -55,6 +60,10 @@ class DataConfig:
             raise ValueError(f"data.path / data.eval_path are for data.task 'file', not {self.task!r}")
         if self.format is not None and self.format not in FILE_FORMATS:
             raise ValueError(f"data.format must be one of {list(FILE_FORMATS)}, got {self.format!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.columns and self.task != "file":
+            raise ValueError(f"data.columns is for data.task 'file', not {self.task!r}")
         _positive("data", max_length=self.max_length, limit=self.limit)
 
 
@@ -116,7 +125,8 @@ class RunConfig:
 @dataclass
 class EvalConfig:
     tasks: list[str] = opt([], "after training evaluate on: heldout (the task's held-out split), mmlu, "
-                               "gsm_original, file:<path> (math or multiple-choice file), or a task name")
+                               "gsm_original, file:<path> (any data file), or a task name; "
+                               "the flag with no value evaluates nothing")
     limit: int | None = opt(None, "at most this many examples per eval set other than mmlu (empty: all)")
     mmlu_limit: int | None = opt(None, "at most this many MMLU dev questions (empty: all 282)")
     max_new_tokens: int = opt(256, "generation budget for math answers")

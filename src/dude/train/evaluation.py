@@ -1,5 +1,6 @@
 """Evaluate a model on the eval sets of ``eval.tasks``: math by exact match of greedy
-answers, multiple choice by the log-likelihood of the answer letter (``dude.evaluate``)."""
+answers, multiple choice by the log-likelihood of the answer letter, text (instruction
+or conversation) by the loss on the response tokens (``dude.evaluate``)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from .tasks import eval_examples
 
 def evaluate_tasks(cfg: EvalConfig, data: DataConfig, model: Any, tokenizer: Any,
                    log: bool = True) -> dict[str, Any]:
-    """``{task: {"accuracy", "n", "correct", "seconds", ...}}``, predictions included."""
-    from ..evaluate import evaluate_math, evaluate_multiple_choice
+    """``{task: {"accuracy", "n", "correct", "seconds", ...}}``, predictions included; text
+    sets give ``{"loss", "perplexity", "n", "tokens", "seconds", ...}`` instead."""
+    from ..evaluate import evaluate_math, evaluate_multiple_choice, evaluate_response_loss
 
     was_training = model.training
     model.eval()
@@ -36,21 +38,26 @@ def evaluate_tasks(cfg: EvalConfig, data: DataConfig, model: Any, tokenizer: Any
                     result = evaluate_multiple_choice(model, tokenizer, examples, batch_size=cfg.batch_size,
                                                       chat=chat)
                 else:
-                    raise ValueError(f"eval task {name!r} holds instruction data (prompt/response): "
-                                     "there is no answer to score; evaluate math or multiple-choice data")
+                    result = evaluate_response_loss(model, tokenizer, examples, batch_size=cfg.batch_size,
+                                                    chat=data.chat, max_length=data.max_length)
             result["seconds"] = round(time.perf_counter() - start, 2)
             results[name] = result
             if log:
-                print(f"eval {name}: accuracy {result['accuracy']:.3f} ({result['correct']}/{result['n']}) "
-                      f"in {result['seconds']:.0f} s")
+                print(f"eval {name}: {_score(result)} in {result['seconds']:.0f} s")
     finally:
         model.train(was_training)
     return results
 
 
+def _score(result: dict[str, Any]) -> str:
+    if "accuracy" in result:
+        return f"accuracy {result['accuracy']:.3f} ({result['correct']}/{result['n']})"
+    return f"response loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f}, {result['tokens']} tokens)"
+
+
 def summary_table(results: dict[str, Any]) -> str:
-    """A short plain-text table of accuracies."""
-    rows = [("task", "accuracy", "correct", "n")]
-    rows += [(k, f"{v['accuracy']:.3f}", str(v["correct"]), str(v["n"])) for k, v in results.items()]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    """A short plain-text table: accuracy, or the response loss of a text set."""
+    rows = [("task", "score", "n")]
+    rows += [(k, _score(v), str(v["n"])) for k, v in results.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)

@@ -4,12 +4,16 @@ Eval set names (``eval.tasks``):
 
 - ``heldout``: the training task's held-out split: for ``gsm_symbolic`` variants of
   templates never trained on; for ``bigbench_*`` the seeded test split; for ``file``
-  the file ``data.eval_path``.
+  the file ``data.eval_path``, or without one the seeded ``data.eval_fraction`` of the
+  training file that training leaves out.
 - ``gsm_original``: the real GSM8K problems of the held-out templates.
 - ``mmlu``: the 282 MMLU dev questions (knowledge retention).
 - any task name of ``dude.data.TASKS``: its test split.
-- ``file:<path>``: a JSON/JSONL/parquet file of math or multiple-choice examples (format
-  from its columns), e.g. GSM8K's test set or MMLU's test set, where the user has them.
+- ``file:<path>``: a JSON/JSONL/parquet file in any format (from its columns), e.g.
+  GSM8K's test set or MMLU's test set, where the user has them.
+
+Math sets are scored by exact match, multiple-choice sets by accuracy, text sets
+(instruction or conversation) by the loss on their response tokens.
 """
 
 from __future__ import annotations
@@ -18,27 +22,39 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from ..data import TASKS, build_sft_examples, collate_sft, load_task
+from ..data import TASKS, build_sft_examples, collate_sft, describe, held_out, load_task, read_file
 from .config import DataConfig
 
 EVAL_ALIASES = ("heldout", "gsm_original", "mmlu")
 
 
-def _file(path: str | None, data: DataConfig, limit: int | None, option: str) -> list[dict]:
-    if not path:
-        raise ValueError(f"eval task 'heldout' of data.task 'file' needs {option} (a held-out file)")
-    return load_task("file", path=path, format=data.format, limit=limit)
+def _file_options(data: DataConfig) -> dict[str, Any]:
+    return {"format": data.format, "columns": data.columns or None}
 
 
-def train_examples(data: DataConfig) -> list[dict]:
-    if data.task == "file":
-        return _file(data.path, data, data.limit, "data.path")
-    return load_task(data.task, "train", limit=data.limit, seed=data.split_seed)
+def _split_file(data: DataConfig) -> bool:
+    """Whether training leaves out ``data.eval_fraction`` of its file for 'heldout'."""
+    return data.task == "file" and not data.eval_path and data.eval_fraction > 0
+
+
+def train_examples(data: DataConfig, log: bool = False) -> list[dict]:
+    if data.task != "file":
+        return load_task(data.task, "train", limit=data.limit, seed=data.split_seed)
+    examples, fmt = read_file(data.path, data.format, None if _split_file(data) else data.limit,
+                              data.columns or None)
+    if log:
+        print(describe(data.path, fmt, examples))
+    if _split_file(data):
+        examples = held_out(examples, "train", data.eval_fraction, data.split_seed, "data.path")[:data.limit]
+        if log:
+            print(f"data: {len(examples)} of them for training, eval set 'heldout' holds the rest "
+                  f"(data.eval_fraction={data.eval_fraction}, data.split_seed={data.split_seed})")
+    return examples
 
 
 def training_set(data: DataConfig, tokenizer: Any, log: bool = True) -> tuple[list[dict], Callable]:
     """Tokenized training examples (loss on responses only) and their collate function."""
-    raw = train_examples(data)
+    raw = train_examples(data, log)
     if not raw:
         raise ValueError(f"data.task {data.task!r} gave no training examples")
     examples = build_sft_examples(tokenizer, raw, data.max_length, chat=data.chat)
@@ -52,8 +68,14 @@ def training_set(data: DataConfig, tokenizer: Any, log: bool = True) -> tuple[li
 def eval_examples(name: str, data: DataConfig, limit: int | None) -> list[dict]:
     """The examples of eval set ``name`` (see the module docstring)."""
     if name == "heldout":
+        if data.task == "file" and data.eval_path:
+            return load_task("file", path=data.eval_path, limit=limit, **_file_options(data))
         if data.task == "file":
-            return _file(data.eval_path, data, limit, "data.eval_path")
+            if not _split_file(data):
+                raise ValueError("eval set 'heldout' of data.task 'file' needs data.eval_path (a held-out file) "
+                                 "or data.eval_fraction > 0 (a share of the training file)")
+            return load_task("file", "test", path=data.path, limit=limit, seed=data.split_seed,
+                             test_fraction=data.eval_fraction, **_file_options(data))
         return load_task(data.task, "test", limit=limit, seed=data.split_seed)
     if name == "gsm_original":
         return load_task("gsm_symbolic", "test_original", limit=limit, seed=data.split_seed)
@@ -72,8 +94,8 @@ def check_files(tasks: list[str], data: DataConfig) -> None:
     if data.task == "file" and not Path(data.path or "").is_file():
         raise FileNotFoundError(f"data.path: the training file {data.path!r} does not exist")
     paths = [(t, t[len("file:"):]) for t in tasks if t.startswith("file:")]
-    if "heldout" in tasks and data.task == "file":
-        paths.append(("heldout", data.eval_path or ""))
+    if "heldout" in tasks and data.task == "file" and data.eval_path:
+        paths.append(("heldout", data.eval_path))
     for name, path in paths:
         if not path or not Path(path).is_file():
             option = "data.eval_path" if name == "heldout" else "eval.tasks"

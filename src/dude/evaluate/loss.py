@@ -1,0 +1,57 @@
+"""Text (instruction or conversation) sets scored by the loss on their response tokens.
+
+    loss = - sum_{t in responses} log p(token_t | tokens_<t) / (number of response tokens)
+
+The same tokenization as training (``dude.data.build_sft_examples``: the chat template,
+targets only on the assistant's tokens), summed over all examples before dividing, so
+long responses weigh by their length as they do in a training batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data.sft import IGNORE_INDEX, build_sft_examples, collate_sft
+from .batching import pad_id_of
+
+__all__ = ["evaluate_response_loss"]
+
+
+@torch.no_grad()
+def evaluate_response_loss(model: Any, tokenizer: Any, examples: Sequence[dict], batch_size: int = 8,
+                           chat: bool | None = None, max_length: int = 1024) -> dict:
+    """``{"loss", "perplexity", "n", "tokens", "example_losses"}`` of text examples.
+
+    ``example_losses`` is each example's mean loss over its own response tokens.
+    """
+    if not examples:
+        raise ValueError("evaluate_response_loss: no examples")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    tokenized = build_sft_examples(tokenizer, examples, max_length, chat=chat)
+    device = next(model.parameters()).device
+    total, tokens, per_example = 0.0, 0, []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(tokenized), batch_size):
+            batch = collate_sft(tokenized[start:start + batch_size], pad_id_of(tokenizer))
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits.float()
+            targets = batch["labels"][:, 1:].to(device)  # (batch, T-1): token t is predicted at t-1
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                  reduction="none")  # (batch, T-1)
+            counts = (targets != IGNORE_INDEX).sum(1)
+            total += float(nll.sum())
+            tokens += int(counts.sum())
+            per_example += (nll.sum(1) / counts.clamp_min(1)).tolist()
+    finally:
+        model.train(was_training)
+    loss = total / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "n": len(tokenized), "tokens": tokens,
+            "example_losses": per_example}
