@@ -113,12 +113,30 @@ def row_norm_factored(
     gram = a32 @ a32.T  # (r, r)
     terms = torch.addmm(residual_a, b32, gram, beta=2.0 * scaling, alpha=scaling * scaling)
     sq = torch.linalg.vecdot(terms, b32, dim=1) + residual_sq_norm  # (out,)
-    return sq.clamp_min(0.0).sqrt()
+    # sqrt has an infinite slope at 0: a zero row (pruned, MoE) would send NaN into the
+    # gradient of A and B when the norm is not detached; the tiny floor keeps it finite.
+    positive = sq > 0
+    return torch.where(positive, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq))
 
 
 def row_norm_dense(weight: torch.Tensor) -> torch.Tensor:
     """Reference ``||W||`` per output row, float32 (out,)."""
     return torch.linalg.vector_norm(weight.to(torch.float32), dim=1)
+
+
+def magnitude_scale(magnitude: torch.Tensor, row_norm: torch.Tensor) -> torch.Tensor:
+    """DoRA's ``g = m / ||W'||_row``, float32 (out,), with ``g = 0`` where ``||W'||_row = 0``.
+
+    A row of zeros (pruned models, unused MoE experts) has no direction: as
+    ``F.normalize``, its direction is taken as the zero vector, so the row computes
+    ``m * 0 = 0``, what the base computed there, instead of ``0 / 0 = NaN`` (PEFT's DoRA,
+    peft#2049). The gradient is finite too: zero for ``m`` on those rows, and zero for the
+    row of ``B``, so a zero row stays zero through training and merging.
+    """
+    # dividing by inf gives 0 and a zero gradient both ways; the rest is the plain m / norm
+    # (bit-identical, and autograd saves what it saved before: the divisor)
+    safe_norm = torch.where(row_norm > 0, row_norm, torch.full_like(row_norm, torch.inf))
+    return magnitude.to(torch.float32) / safe_norm
 
 
 def merged_weight(
@@ -131,12 +149,12 @@ def merged_weight(
     """The dense weight the adapter computes, float32 (out, in).
 
         W' = W_res + s B A                      (LoRA, PiSSA)
-        W' = m / ||W_res + s B A||_row * (...)  (DoRA, DuDe)
+        W' = m / ||W_res + s B A||_row * (...)  (DoRA, DuDe; a zero row stays zero: magnitude_scale)
     """
     dense = torch.addmm(residual.to(torch.float32), lora_b.to(torch.float32), lora_a.to(torch.float32), alpha=scaling)
     if magnitude is None:
         return dense
-    return dense * (magnitude.to(torch.float32) / row_norm_dense(dense))[:, None]
+    return dense * magnitude_scale(magnitude, row_norm_dense(dense))[:, None]
 
 
 def reference_forward(
@@ -160,7 +178,7 @@ def reference_forward(
         norm = torch.linalg.vector_norm(dense, dim=1)
         if detach_norm:
             norm = norm.detach()
-        out = out * (magnitude.to(torch.float32) / norm)
+        out = out * magnitude_scale(magnitude, norm)
     if bias is not None:
         out = out + bias.to(torch.float32)
     return out

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapter_files import check_adapter, warn_zero_norm_rows
 from .config import AdapterConfig
 from .frozen import is_linear4bit
 from .layer import is_conv1d
@@ -89,6 +90,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = _peft_tensors(model)
+    warn_zero_norm_rows(adapter_layers(model))
     metadata = {"format": "pt", METADATA_KEY: json.dumps(config.to_dict())}
     peft_json = json.dumps(_peft_config(model, config), indent=2, sort_keys=True)
     staged = []
@@ -188,6 +190,7 @@ def load(model: nn.Module, directory: str | os.PathLike, *, full_precision: bool
     """
     directory = Path(directory)
     peft_config, metadata, tensors = _read_adapter(directory)
+    check_adapter(directory, peft_config, metadata, tensors, METADATA_KEY)
     config = _config_from_files(peft_config, metadata)
     if full_precision:
         config = dataclasses.replace(config, quantize=None)

@@ -213,18 +213,18 @@ class AdapterLinear(nn.Module):
     def magnitude_scale(self) -> torch.Tensor:
         """``g = m / ||W_res + s B A||_row`` (out,), float32."""
         if not self.detach_norm:
-            return self.magnitude.to(torch.float32) / self.weight_row_norm()
+            return decompose.magnitude_scale(self.magnitude, self.weight_row_norm())
         if self.training:
             # No cache while training: fused optimizers (torch's fused AdamW, as HF Trainer
             # picks) update parameters without bumping their version counters.
             with torch.no_grad():
                 norm = self.weight_row_norm()
-            return self.magnitude.to(torch.float32) / norm
+            return decompose.magnitude_scale(self.magnitude, norm)
         key = (frozen.version(self.residual), *((t.data_ptr(), t._version) for t in (self.lora_A, self.lora_B)))
         if self._norm_cache is None or self._norm_cache[0] != key:
             with torch.no_grad():
                 self._norm_cache = (key, self.weight_row_norm())
-        return self.magnitude.to(torch.float32) / self._norm_cache[1]
+        return decompose.magnitude_scale(self.magnitude, self._norm_cache[1])
 
     def train(self, mode: bool = True) -> "AdapterLinear":
         """Every switch of mode drops the cached norm: whatever stepped the parameters

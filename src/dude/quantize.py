@@ -26,6 +26,7 @@ def principal_factors(weight: torch.Tensor, config: AdapterConfig) -> tuple[torc
         weight.detach().to(torch.float32), config.r, randomized=config.svd == "randomized",
         niter=config.svd_niter, oversample=config.svd_oversample, seed=config.seed,
     )
+    u = u * (decompose.row_sq_norm(weight) > 0)[:, None]  # a zero row's factors: exactly zero, not SVD rounding
     return decompose.principal_factors(u, s, vh, config.scaling)
 
 
