@@ -103,3 +103,14 @@ def test_the_cli_refuses_a_broken_adapter_with_exit_2_and_writes_nothing(saved, 
         err = capsys.readouterr().err
         assert f"field '{A_KEY}' holds 1 NaN or inf value" in err and err.count("error:") == 1
     assert not (tmp_path / "eval").exists() and not (tmp_path / "merged").exists()
+
+
+def test_a_non_finite_adapter_is_not_saved(tmp_path):
+    model = dude.apply(tiny_llama(), dude.AdapterConfig(method="dora", r=4, alpha=8))
+    layer = dude.adapter_layers(model)["model.layers.1.mlp.up_proj"]
+    with torch.no_grad():
+        layer.lora_B[2, 1] = float("inf")
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    with pytest.raises(ValueError, match=rf"field '{key}' holds 1 NaN or inf value\(s\) of 256; .* not saved"):
+        dude.save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written, not even the folder

@@ -66,7 +66,9 @@ def test_paper_recipes_have_the_paper_shape():
 
 @pytest.mark.parametrize("data, message", [
     ({"optim": {"lr": -1}}, "optim.lr must be > 0"),
-    ({"optim": {"lr": "fast"}}, "option optim.lr must be a number"),
+    ({"optim": {"lr": "fast"}}, "option optim.lr must be a finite number"),
+    ({"optim": {"lr": float("inf")}}, "option optim.lr must be a finite number, got inf"),
+    ({"optim": {"lr": "nan"}}, "option optim.lr must be a finite number, got 'nan'"),
     ({"optim": {"steps": 2.5}}, "option optim.steps must be an integer"),
     ({"optim": {"learning_rate": 1e-4}}, r"unknown option\(s\) \['optim.learning_rate'\]"),
     ({"data": {"task": "gsm9k"}}, "data.task must be one of"),

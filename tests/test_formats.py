@@ -120,6 +120,21 @@ def test_bad_rows_name_the_file_row_and_field(tmp_path, row, message):
     assert "bad.jsonl" in str(err.value)
 
 
+def test_unreadable_files_say_why(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"empty.jsonl' is empty \(0 bytes\)"):
+        load_task("file", path=tmp_path / "empty.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c", response: "d"}\n')
+    with pytest.raises(ValueError, match=r"could not be read as json: line 3 is not valid JSON \(Expecting"):
+        load_task("file", path=tmp_path / "bad.jsonl")
+    (tmp_path / "binary.jsonl").write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match="line 1 is not valid JSON"):
+        load_task("file", path=tmp_path / "binary.jsonl")
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(FileNotFoundError, match="does not exist or is not a file"):
+        load_task("file", path=tmp_path / "folder.jsonl")
+
+
 def test_a_training_file_alone_gets_a_seeded_held_out_split(tmp_path):
     rows = [{"instruction": f"Repeat {i}", "output": str(i)} for i in range(30)]
     data = DataConfig(task="file", path=str(_write_jsonl(tmp_path / "a.jsonl", rows)), eval_fraction=0.2)
@@ -136,6 +151,15 @@ def test_a_training_file_alone_gets_a_seeded_held_out_split(tmp_path):
         eval_examples("heldout", everything, None)
     with pytest.raises(ValueError, match="holding out 0.01 of 30 distinct prompts leaves 0 for test"):
         train_examples(DataConfig(task="file", path=data.path, eval_fraction=0.01))
+
+
+def test_heldout_without_a_split_fails_before_training(tmp_path, capsys):
+    path = _write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"p{i}", "response": "r"} for i in range(10)])
+    out = tmp_path / "run"
+    assert main(["train", "--task", "file", "--path", str(path), "--eval-fraction", "0", "--tasks", "heldout",
+                 "--output-dir", str(out)]) == 2
+    assert "needs data.eval_path (a held-out file) or data.eval_fraction > 0" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_tasks_flag_without_value_switches_evaluation_off(capsys):

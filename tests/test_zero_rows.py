@@ -46,6 +46,10 @@ def test_magnitude_scale_is_zero_on_zero_rows_with_finite_gradients():
     assert norm[1] == 0 and torch.allclose(norm, decompose.row_norm_dense(weight))
     norm.sum().backward()  # the slope of sqrt at 0 must not reach A and B as NaN
     assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    with torch.no_grad():  # a NaN is never mistaken for a zero row
+        b[2, 0] = float("nan")
+        norm = decompose.row_norm_factored(weight @ a.T, decompose.row_sq_norm(weight), a, b, 0.5)
+    assert torch.isnan(norm[2]) and torch.isnan(decompose.magnitude_scale(torch.ones(4), norm)[2])
 
 
 @pytest.mark.parametrize("detach_norm", [True, False], ids=["detached", "full-grad"])

@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import AdapterConfig
 
-__all__ = ["check_adapter", "warn_zero_norm_rows"]
+__all__ = ["check_adapter", "check_for_save"]
 
 # adapter_config.json fields that change what the file means, and are refused when set
 UNSUPPORTED = {
@@ -93,6 +93,13 @@ def _check_agreement(config_path: Path, weights_path: Path, peft: dict[str, Any]
                                         "the two files come from different adapters")
 
 
+def _refuse_non_finite(path: Path, key: str, tensor: torch.Tensor, verb: str) -> None:
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        _refuse(path, key, f"holds {bad} NaN or inf value(s) of {tensor.numel()}; the adapter is broken "
+                           f"(a diverged training run?) and is not {verb}")
+
+
 def _check_tensors(path: Path, peft: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     if not tensors:
         raise ValueError(f"{path}: holds no tensors")
@@ -100,10 +107,7 @@ def _check_tensors(path: Path, peft: dict[str, Any], tensors: dict[str, torch.Te
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
             _refuse(path, key, f"has dtype {tensor.dtype}; adapter tensors are floating point")
-        bad = int((~torch.isfinite(tensor)).sum())
-        if bad:
-            _refuse(path, key, f"holds {bad} NaN or inf value(s) of {tensor.numel()}; the adapter is broken "
-                               "(a diverged training run?) and is not loaded")
+        _refuse_non_finite(path, key, tensor, "loaded")
         part = next((p for s, p in DUDE_SUFFIXES.items() if key.endswith(s)), None)
         rank_dim = {"A": 0, "B": 1}.get(part or "")
         if rank_dim is not None and (tensor.dim() != 2 or tensor.shape[rank_dim] != peft["r"]):
@@ -126,9 +130,12 @@ def check_adapter(directory: Path, peft_config: Any, metadata: dict[str, str],
     _check_tensors(weights_path, peft_config, tensors)
 
 
-def warn_zero_norm_rows(layers: dict[str, nn.Module]) -> None:
-    """Warn at save when DoRA/DuDe layers have rows of zero norm: dude computes 0 there
+def check_for_save(directory: Path, layers: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+    """Before anything is written: refuse NaN/inf adapter tensors (naming the tensor), and
+    warn when DoRA/DuDe layers have rows of zero norm: dude computes 0 there
     (``decompose.magnitude_scale``) but PEFT's DoRA divides by zero (NaN, peft#2049)."""
+    for key, tensor in tensors.items():
+        _refuse_non_finite(Path(directory) / "adapter_model.safetensors", key, tensor, "saved")
     counts = {}
     with torch.no_grad():
         for name, layer in layers.items():

@@ -115,8 +115,8 @@ def row_norm_factored(
     sq = torch.linalg.vecdot(terms, b32, dim=1) + residual_sq_norm  # (out,)
     # sqrt has an infinite slope at 0: a zero row (pruned, MoE) would send NaN into the
     # gradient of A and B when the norm is not detached; the tiny floor keeps it finite.
-    positive = sq > 0
-    return torch.where(positive, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq))
+    # (NaN <= 0 is false: a NaN stays NaN, never a silent zero)
+    return torch.where(sq <= 0, torch.zeros_like(sq), sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt())
 
 
 def row_norm_dense(weight: torch.Tensor) -> torch.Tensor:
@@ -135,7 +135,7 @@ def magnitude_scale(magnitude: torch.Tensor, row_norm: torch.Tensor) -> torch.Te
     """
     # dividing by inf gives 0 and a zero gradient both ways; the rest is the plain m / norm
     # (bit-identical, and autograd saves what it saved before: the divisor)
-    safe_norm = torch.where(row_norm > 0, row_norm, torch.full_like(row_norm, torch.inf))
+    safe_norm = torch.where(row_norm == 0, torch.full_like(row_norm, torch.inf), row_norm)  # NaN stays NaN
     return magnitude.to(torch.float32) / safe_norm
 
 

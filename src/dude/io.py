@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_files import check_adapter, warn_zero_norm_rows
+from .adapter_files import check_adapter, check_for_save
 from .config import AdapterConfig
 from .frozen import is_linear4bit
 from .layer import is_conv1d
@@ -88,9 +88,9 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
 
     config = get_config(model)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = _peft_tensors(model)
-    warn_zero_norm_rows(adapter_layers(model))
+    check_for_save(directory, adapter_layers(model), tensors)  # before anything is written
+    directory.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", METADATA_KEY: json.dumps(config.to_dict())}
     peft_json = json.dumps(_peft_config(model, config), indent=2, sort_keys=True)
     staged = []

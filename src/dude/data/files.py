@@ -12,6 +12,7 @@ Every problem raises an error that names the path, the row, the option and the f
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -73,6 +74,22 @@ def _rename(ds, columns: dict[str, str] | None, path: Path):
     return ds.rename_columns({c: f for f, c in columns.items() if f != c})
 
 
+def _parse_problem(path: Path, err: Exception) -> str:
+    """What went wrong reading ``path``: the first bad line of a JSONL file, else the
+    innermost error that ``datasets`` wrapped."""
+    if path.suffix == ".jsonl":
+        with open(path, "rb") as fh:
+            for number, line in enumerate(fh, 1):
+                try:
+                    if line.strip():
+                        json.loads(line)
+                except ValueError as bad:  # JSONDecodeError and UnicodeDecodeError
+                    return f"line {number} is not valid JSON ({bad})"[:300]
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return f"{type(err).__name__}: {err}"[:300]
+
+
 def _example(row: dict, fmt: str, i: int, path: Path) -> dict:
     try:
         ex = to_example(row, fmt)
@@ -101,11 +118,12 @@ def read_file(path: str | Path, format: str | None = None, limit: int | None = N
         raise ValueError(f"unknown data format {format!r} (option 'format'); "
                          f"choose from {sorted(FILE_FORMATS)}")
     builder = _builder(path)
+    if path.stat().st_size == 0:
+        raise ValueError(f"data file {str(path)!r} is empty (0 bytes)")
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:  # datasets wraps parse errors in many types
-        raise ValueError(f"data file {str(path)!r} could not be read as {builder}: "
-                         f"{type(err).__name__}: {err}") from err
+        raise ValueError(f"data file {str(path)!r} could not be read as {builder}: {_parse_problem(path, err)}") from err
     ds = _rename(ds, columns, path)
     fmt = format or detect_format(list(ds.column_names), path)
     missing = [c for c in FILE_FORMATS[fmt][0] if c not in ds.column_names]

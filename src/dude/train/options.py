@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -104,14 +105,17 @@ def _coerce_scalar(name: str, value: Any, hint: Any) -> Any:
             return value
         raise ValueError(f"option {name} must be an integer, got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ValueError(f"option {name} must be a number, got {value!r}")
+        if number is None or not math.isfinite(number):
+            raise ValueError(f"option {name} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, (str, Path)):
             return str(value)

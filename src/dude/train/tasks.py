@@ -92,7 +92,9 @@ def eval_examples(name: str, data: DataConfig, limit: int | None) -> list[dict]:
 def check_files(tasks: list[str], data: DataConfig) -> None:
     """Fail before loading the model or training, not after, on a data file that is not there."""
     if data.task == "file" and not Path(data.path or "").is_file():
-        raise FileNotFoundError(f"data.path: the training file {data.path!r} does not exist")
+        raise FileNotFoundError(f"data.path: the training file {data.path!r} does not exist or is not a file")
+    if "heldout" in tasks and data.task == "file" and not data.eval_path and not _split_file(data):
+        eval_examples("heldout", data, 1)  # the error naming both ways out, before any training
     paths = [(t, t[len("file:"):]) for t in tasks if t.startswith("file:")]
     if "heldout" in tasks and data.task == "file" and data.eval_path:
         paths.append(("heldout", data.eval_path))
