@@ -114,3 +114,10 @@ def test_a_non_finite_adapter_is_not_saved(tmp_path):
     with pytest.raises(ValueError, match=rf"field '{key}' holds 1 NaN or inf value\(s\) of 256; .* not saved"):
         dude.save(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written, not even the folder
+
+
+def test_saving_onto_a_file_is_refused_by_name(tmp_path):
+    model = dude.apply(tiny_llama(), dude.AdapterConfig(method="lora", r=2))
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(ValueError, match="cannot save the adapter to .*taken': it exists and is not a directory"):
+        dude.save(model, tmp_path / "taken")

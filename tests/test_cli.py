@@ -34,8 +34,12 @@ def test_help(command, capsys):
     (["train", "--tasks", "file:missing.jsonl", "--output-dir", "{tmp}/x"], "eval.tasks: eval set"),
     (["export", "--output-dir", "{tmp}/x"], "export.adapter is required"),
     (["eval", "--adapter", "{tmp}/nothing", "--output-dir", "{tmp}/x"], "--adapter '.*nothing' is not a directory"),
+    (["train", "--output-dir", "{tmp}/a_file/run", "--steps", "1", "--tasks"], "Not a directory: '.*a_file/run'"),
+    (["train", "--lr", "inf"], "option optim.lr must be a finite number, got .?inf"),
+    (["train", "--task", "file", "--path", "{tmp}", "--output-dir", "{tmp}/x"], "does not exist or is not a file"),
 ])
 def test_bad_input_exits_2_naming_the_option(args, message, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
     assert main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
     err = capsys.readouterr().err
     assert "error:" in err

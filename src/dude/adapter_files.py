@@ -134,6 +134,8 @@ def check_for_save(directory: Path, layers: dict[str, nn.Module], tensors: dict[
     """Before anything is written: refuse NaN/inf adapter tensors (naming the tensor), and
     warn when DoRA/DuDe layers have rows of zero norm: dude computes 0 there
     (``decompose.magnitude_scale``) but PEFT's DoRA divides by zero (NaN, peft#2049)."""
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise ValueError(f"cannot save the adapter to {str(directory)!r}: it exists and is not a directory")
     for key, tensor in tensors.items():
         _refuse_non_finite(Path(directory) / "adapter_model.safetensors", key, tensor, "saved")
     counts = {}

@@ -120,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"dude {args.command}: {err}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError) as err:  # OSError: also a path under a file, no permission, a full disk
         if os.environ.get("DUDE_DEBUG"):
             raise
-        print(f"dude {args.command}: error: {err}  (DUDE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        system = isinstance(err, OSError) and err.errno is not None and err.filename  # not one of our messages
+        text = f"{err.strerror}: {err.filename!r}" if system else err
+        print(f"dude {args.command}: error: {text}  (DUDE_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     return 0
 
