@@ -1,7 +1,8 @@
-"""The paper-claims study (studies/paper_claims): cache keys, resume, lr choice, report.
+"""The paper-claims study v2 (studies/paper_claims): plan, measures, cache/resume, verdicts, report.
 
 The fast tests run the study's plan with a fake runner that writes the files a real run
-writes (synthetic numbers); the --quick subset itself is behind ``--runslow``.
+writes (synthetic numbers); the measures are checked against a direct HF forward on the
+real model; the --quick subset itself is behind ``--runslow``.
 """
 
 from __future__ import annotations
@@ -18,200 +19,260 @@ import pytest
 STUDY_DIR = Path(__file__).resolve().parents[1] / "studies" / "paper_claims"
 sys.path.insert(0, str(STUDY_DIR))
 
-from claims import compare  # noqa: E402
-import yaml  # noqa: E402
-from dude.train.options import to_dict  # noqa: E402
-from plan import StudyConfig, TaskBudget, config_key, saved_key, train_config  # noqa: E402
+from claims import compare, steps_to  # noqa: E402
+from data import GsmCut, retention_rows  # noqa: E402
+from plan import (FULL, NEEDS, Budget, StudyConfig, config_key, data_files, ladder, n_train, saved_key,  # noqa: E402
+                  sweep_grid, train_config)
 from report import write_report  # noqa: E402
 from runner import Study  # noqa: E402
 
 TINY = StudyConfig(
-    name="tiny",
-    tasks=[TaskBudget("gsm_symbolic", max_length=64, steps=20, batch_size=2, eval_limit=50, mmlu_limit=40,
-                      val_limit=8)],
-    methods=("lora", "dora", "pissa", "dude"),
-    lr_grid={"lora": [1e-3, 3e-3, 1e-2], "dora": [1e-3, 3e-3], "pissa": [1e-4, 3e-4], "dude": [1e-4, 3e-4]},
+    name="tiny", budget=Budget(cut=GsmCut(train_per=2, val_per=1, id_per=1, ood_per=1), steps=20),
+    lr_grid={"lora": [1e-3, 3e-3], "dora": [1e-3, 3e-3], "pissa": [1e-4, 3e-4], "dude": [1e-4, 3e-4]},
     seeds=[0, 1, 2], ranks=[4, 16, 64],
 )
 BEST = {"lora": 3e-3, "dora": 1e-3, "pissa": 3e-4, "dude": 1e-4}  # the fake's validation minima
+ID_LOSS = {"lora": 0.60, "dora": 0.60, "pissa": 0.55, "dude": 0.50}
 
 
 class FakeRunner:
-    """Writes a run's files with numbers from its record: DuDe's loss falls fastest."""
+    """Writes an item's files with numbers from its record: DuDe learns fastest and best,
+    forgets as much as the others; the validation minimum is BEST (past a grid edge for DoRA)."""
 
     def __init__(self) -> None:
         self.calls: list[dict] = []
 
-    def __call__(self, command: str, cfg, out: Path, record: dict) -> bool:
-        self.calls.append(record)
+    def __call__(self, item, out: Path) -> bool:
+        self.calls.append({**item.record, "key": item.key, "command": item.command})
         out.mkdir(parents=True, exist_ok=True)
-        if record["phase"] == "base":
-            (out / "eval.json").write_text(json.dumps({"results": {"heldout": {"accuracy": 0.1, "n": 50},
-                                                                   "mmlu": {"accuracy": 0.3, "n": 40}}}))
-        else:
-            m, seed = record["method"], record["seed"]
+        if item.command == "calib":
+            (out / "update_ratio.json").write_text(json.dumps({"ratio": 4.0, "norms": {"lora": 1.0, "pissa": 4.0}}))
+            return True
+        done = json.loads((out / "measures.json").read_text()) if (out / "measures.json").exists() else {}
+        m, seed = item.record.get("method", "base"), item.record.get("seed", 0)
+        if item.command == "train" and not (out / "summary.json").exists():
             rate = {"lora": 0.05, "dora": 0.05, "pissa": 0.07, "dude": 0.09}[m]
             lines = [{"step": s, "loss": 2.0 * math.exp(-rate * s) + 0.01 * seed} for s in range(1, 21)]
             (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
             (out / "summary.json").write_text(json.dumps({"wall_time_s": 10.0, "peak_memory_mb": 900.0,
                                                           "trainable_parameters": 1000}))
-            if record["phase"] == "sweep":
-                (out / "val.json").write_text(json.dumps({"val_loss": 1.0 + abs(math.log(record["lr"] / BEST[m]))}))
+        for name in item.request["measures"]:
+            if name == "val":
+                done[name] = {"loss": 1.0 + abs(math.log(item.record["lr"] / BEST[m])) if m != "base" else 2.0}
+            elif name == "accuracy":
+                acc = {"base": 0.01, "lora": 0.05, "dora": 0.05, "pissa": 0.06, "dude": 0.10}[m] + 0.005 * seed
+                done[name] = {"accuracy": acc, "n": 420}
             else:
-                acc = {"lora": 0.2, "dora": 0.2, "pissa": 0.25, "dude": 0.4}[m] + 0.01 * seed
-                (out / "eval.json").write_text(json.dumps({  # as dude train writes it: no "results"
-                    "heldout": {"accuracy": acc, "n": 50}, "mmlu": {"accuracy": 0.28, "n": 40}}))
-        (out / "record.json").write_text(json.dumps(record))
+                level = {"id": ID_LOSS.get(m, 1.0), "ood": ID_LOSS.get(m, 1.0) + 0.3, "retention": 1.5}[name]
+                done[name] = {"loss": level + 0.002 * seed + (0.0 if m == "base" else 0.1 * (name == "retention"))}
+        (out / "measures.json").write_text(json.dumps(done))
+        (out / "record.json").write_text(json.dumps(item.record))
         return True
 
 
+def test_ladder_and_grid_extension_past_an_edge():
+    assert [ladder(1e-3, 1), ladder(3e-3, 1), ladder(1e-4, -1), ladder(3e-4, -2)] == [3e-3, 1e-2, 3e-5, 3e-5]
+    bowl = lambda lr: (math.log10(lr) - math.log10(3e-5)) ** 2  # noqa: E731  minimum below the grid
+    grid, settled = sweep_grid([1e-4, 3e-4, 1e-3], bowl, max_extensions=3)
+    assert settled and grid == [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]  # two rungs down, then the best is inside
+    known = {1e-4: 1.0, 3e-4: 2.0, 1e-3: 3.0}
+    assert sweep_grid([1e-4, 3e-4, 1e-3], known.get, 3) == ([3e-5, 1e-4, 3e-4, 1e-3], False)  # 3e-5 not run yet
+    assert sweep_grid([1e-4, 3e-4, 1e-3], known.get, 0) == ([1e-4, 3e-4, 1e-3], True)  # no extension left
+    diverged = {1e-3: 1.0, 3e-3: 0.9, 1e-2: math.inf}.get  # the rung past the top edge blew up
+    assert sweep_grid([1e-3, 3e-3], diverged, 3) == ([1e-3, 3e-3, 1e-2], True)
+
+
+def test_full_budget_covers_an_epoch_and_no_answer_is_cut(tmp_path, smollm2):
+    from dude.data import build_sft_examples
+
+    from measures import read_jsonl
+
+    _, tokenizer = smollm2
+    files = data_files(FULL, tmp_path)
+    rows = {k: read_jsonl(p) for k, p in files.items()}
+    b = FULL.budget
+    assert b.train_steps(n_train(FULL, tmp_path)) * b.batch_size >= len(rows["train"]) == 420
+    assert len(rows["id"]) >= 400 and len(rows["ood"]) == 150 and len(rows["val"]) == 140
+    assert len(rows["retention"]) == 282
+    questions = [{r["question"] for r in rows[k]} for k in ("train", "val", "id", "ood")]
+    assert sum(map(len, questions)) == len(set().union(*questions))  # disjoint sets
+    def longest(name: str) -> int:
+        return max(len(e["input_ids"]) for e in build_sft_examples(tokenizer, rows[name], 10 ** 6))
+
+    assert max(longest(k) for k in ("train", "val", "id", "ood")) <= b.max_length
+    assert longest("retention") <= b.retention_max_length
+    assert max(len(tokenizer(r["answer"])["input_ids"]) for r in rows["id"]) < b.max_new_tokens
+
+
+def test_ood_templates_are_never_trained_on(tmp_path):
+    from dude.data.gsm_symbolic import gsm_symbolic
+
+    from data import gsm_parts
+
+    parts = gsm_parts(GsmCut())
+    held_out = {r["question"] for r in gsm_symbolic("test")}
+    assert {r["question"] for r in parts["ood"]} <= held_out
+    assert not held_out & {r["question"] for k in ("train", "val", "id") for r in parts[k]}
+    assert {r["template_id"] for r in parts["id"]} == {r["template_id"] for r in parts["train"]}
+
+
+def test_retention_text_is_the_mmlu_explanations():
+    rows = retention_rows()
+    assert len(rows) == 282
+    assert all(r["response"].startswith("Let's think step by step.") and "The answer is" in r["response"] for r in rows)
+    assert rows[0]["prompt"].startswith("The following is a multiple choice question about abstract algebra")
+
+
+def test_response_loss_matches_a_direct_hf_forward(smollm2):
+    """Token-weighted response loss over a padded, length-sorted batch == HF's own loss with
+    labels, example by example, weighted by each example's response tokens."""
+    import torch
+
+    from dude.data import build_sft_examples
+
+    from valloss import response_loss
+
+    model, tokenizer = smollm2
+    rows = [{"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"},
+            {"prompt": "Name a colour.", "response": "Blue, the colour of a clear sky at noon."},
+            {"question": "What is 12 times 3?", "answer": "12 * 3 = 36\n#### 36"}]
+    total = tokens = 0.0
+    for ex in build_sft_examples(tokenizer, rows, 10 ** 6):
+        labels = torch.tensor([ex["labels"]])
+        n = int((labels[:, 1:] != -100).sum())
+        with torch.no_grad():
+            total += model(input_ids=torch.tensor([ex["input_ids"]]), labels=labels).loss.item() * n
+        tokens += n
+    got = response_loss(model, tokenizer, rows, max_length=256, batch_size=2)
+    assert got["tokens"] == tokens and got["examples"] == 3
+    assert got["loss"] == pytest.approx(total / tokens, rel=1e-5)
+    with pytest.raises(ValueError, match="answer would be cut"):
+        response_loss(model, tokenizer, rows, max_length=40)
+
+
 def test_config_key_is_the_resolved_config(tmp_path):
-    budget = TINY.tasks[0]
-    a = train_config(TINY, budget, "dude", 1e-4, 0, 16, "main", tmp_path)
+    a = train_config(TINY, "dude", 1e-4, 0, 16, tmp_path)
     moved = dataclasses.replace(a, run=dataclasses.replace(a.run, output_dir="elsewhere", overwrite=True))
     assert config_key(a) == config_key(moved)  # where it is written does not change the result
-    lora = train_config(TINY, budget, "lora", 1e-3, 0, 16, "main", tmp_path)
+    lora = train_config(TINY, "lora", 1e-3, 0, 16, tmp_path)
     other_svd = dataclasses.replace(lora.adapter, svd_niter=3)
     assert config_key(dataclasses.replace(lora, adapter=other_svd)) == config_key(lora)  # LoRA does no SVD
     assert config_key(dataclasses.replace(a, adapter=dataclasses.replace(a.adapter, svd_niter=3))) != config_key(a)
-    other_lr = dataclasses.replace(a, optim=dataclasses.replace(a.optim, lr=2e-4))
-    other_seed = train_config(TINY, budget, "dude", 1e-4, 1, 16, "main", tmp_path)
-    assert len({config_key(a), config_key(other_lr), config_key(other_seed)}) == 3
-    sweep = train_config(TINY, budget, "dude", 1e-4, 0, 16, "sweep", tmp_path)
-    key = config_key(sweep)
+    assert len({config_key(a), config_key(train_config(TINY, "dude", 3e-4, 0, 16, tmp_path)),
+                config_key(train_config(TINY, "dude", 1e-4, 1, 16, tmp_path))}) == 3
+    import yaml
+
+    from dude.train.options import to_dict
+
     (tmp_path / "run").mkdir()  # the key survives the YAML round trip of run-config.yaml (alpha 16 vs 16.0)
-    (tmp_path / "run" / "run-config.yaml").write_text(yaml.safe_dump(to_dict(sweep), sort_keys=False))
-    assert saved_key(tmp_path / "run") == key
-    elsewhere = train_config(TINY, budget, "dude", 1e-4, 0, 16, "sweep", tmp_path / "moved")
-    assert config_key(elsewhere) == key  # the same files under another study folder: the same runs
-    Path(sweep.data.path).write_text(Path(sweep.data.path).read_text()[:-200] + "\n")
-    assert config_key(sweep) != key  # the data file's content is part of the key
+    (tmp_path / "run" / "run-config.yaml").write_text(yaml.safe_dump(to_dict(a), sort_keys=False))
+    assert saved_key(tmp_path / "run") == config_key(a)
+    assert config_key(train_config(TINY, "dude", 1e-4, 0, 16, tmp_path / "moved")) == config_key(a)
+    before = config_key(a)
+    Path(a.data.path).write_text(Path(a.data.path).read_text()[:-300] + "\n")
+    assert config_key(a) != before  # the data file's content is part of the key
 
 
-def test_fit_and_validation_split_share_no_template(tmp_path):
-    cfg = train_config(TINY, TINY.tasks[0], "lora", 1e-3, 0, 16, "sweep", tmp_path)
-    fit = [json.loads(x) for x in Path(cfg.data.path).read_text().splitlines()]
-    val = [json.loads(x) for x in Path(cfg.data.eval_path).read_text().splitlines()]
-    assert len(val) == 8 and len(fit) > 100
-    assert not {r["question"] for r in fit} & {r["question"] for r in val}
-    from dude.data import load_task
-
-    test_questions = {r["question"] for r in load_task("gsm_symbolic", "test")}
-    assert not test_questions & ({r["question"] for r in fit} | {r["question"] for r in val})
+def _total(study: StudyConfig) -> int:
+    """Distinct items of the fake study: base, calib, sweep (each grid gains a rung), main
+    seeds 1-2, control seeds, rank runs."""
+    sweep = sum(len(g) + 1 for g in study.lr_grid.values())  # each fake minimum is one rung past an edge
+    return 2 + sweep + 4 * (len(study.seeds) - 1) + len(study.seeds) + 4 * (len(study.ranks) - 1)
 
 
 def test_study_runs_once_resumes_and_reports(tmp_path):
     fake = FakeRunner()
     study = Study(TINY, tmp_path, runner=fake, log=lambda m: None)
-    study.run(max_runs=5)  # an interrupted sitting: base + 4 sweep runs
+    study.run(max_runs=5)  # an interrupted sitting: base, calib, 3 sweep runs
     assert len(fake.calls) == 5
     write_report(study, tmp_path / "REPORT.md")
     text = (tmp_path / "REPORT.md").read_text()
-    n_sweep = sum(len(v) for v in TINY.lr_grid.values())
-    total = 1 + n_sweep + 4 * 3 + 4 * 2
-    assert f"Status: incomplete: 5 of {total} runs finished; {total - 5} missing" in text
-    assert "wait for this method's lr sweep" in text
-    assert "| **missing** |" in text
+    assert "Status: incomplete" in text and "wait for this method's lr sweep" in text
 
     study.run()  # the next sitting finishes the rest, without redoing the first five
-    keys = [c["key"] for c in fake.calls]
-    assert len(keys) == len(set(keys))
-    assert len(keys) == total
-    assert study.best_lrs(TINY.tasks[0]) == BEST
-    assert {c["lr"] for c in fake.calls if c["phase"] == "main" and c["method"] == "lora"} == {BEST["lora"]}
+    assert len(fake.calls) == len({(c["key"], c["phase"]) for c in fake.calls})  # nothing done twice
+    assert len({c["key"] for c in fake.calls}) == _total(TINY)
+    assert study.best_lrs() == BEST
+    assert study.sweep("dora")[0] == [3e-4, 1e-3, 3e-3]  # 1e-3 won at the lower edge: one rung added
+    mains = [c for c in fake.calls if c["phase"] == "main"]
+    assert {c["lr"] for c in mains if c["method"] == "lora"} == {BEST["lora"]} and len(mains) == 12
+    seed0 = next(c for c in mains if c["method"] == "dude" and c["seed"] == 0)
+    assert any(c["key"] == seed0["key"] and c["phase"] == "sweep" for c in fake.calls)  # the sweep run, measured more
+    controls = [c for c in fake.calls if c["phase"] == "control"]
+    assert {c["lr"] for c in controls} == {4.0 * BEST["pissa"]} and {c["method"] for c in controls} == {"lora"}
 
     again = Study(TINY, tmp_path, runner=fake, log=lambda m: None)
+    n = len(fake.calls)
     again.run()
-    assert len(fake.calls) == len(keys) and again.skipped == len(keys)  # all cached
-
-    victim = next(c for c in fake.calls if c["phase"] == "main")  # a run killed before it finished
-    (tmp_path / "runs" / victim["key"] / "record.json").unlink()
+    assert len(fake.calls) == n and again.ran == 0  # all cached
+    victim = next(c for c in fake.calls if c["phase"] == "rank")  # a run killed before its measures
+    (tmp_path / "runs" / victim["key"] / "measures.json").unlink()
     again.run()
-    assert fake.calls[-1]["key"] == victim["key"] and len(fake.calls) == len(keys) + 1
+    assert fake.calls[-1]["key"] == victim["key"] and len(fake.calls) == n + 1
 
     write_report(again, tmp_path / "REPORT.md")
     text = (tmp_path / "REPORT.md").read_text()
     assert "Status: complete" in text and (tmp_path / "plots" / "tiny-gsm_symbolic-loss.png").stat().st_size > 5000
-    # DuDe 40-42% vs 20-22% on 50 problems x 3 seeds is beyond 2 standard errors
-    line = next(x for x in text.splitlines() if x.startswith("| Higher held-out accuracy on math"))
-    assert "**holds**" in line and "DuDe 41.0 ± 1.0" in line
-    line = next(x for x in text.splitlines() if x.startswith("| Preserves pretrained"))
-    assert "**inconclusive**" in line  # identical MMLU change for all methods
-    assert "dude train --config configs/paper/dude_llama2_7b_metamath.yaml" in text
+    row = lambda start: next(x for x in text.splitlines() if x.startswith(start))  # noqa: E731
+    assert "**holds**" in row("| Lower held-out loss in distribution") and "dude 0.5020 ± 0.0020" in row(
+        "| Lower held-out loss in distribution")
+    assert "**holds**" in row("| Converges faster than LoRA")
+    assert "**does not hold**" in row("| Forgets less")  # the same rise for every method: no gain
+    assert "**holds**" in row("| Higher greedy accuracy")
+    assert "**holds**" in row("| PISSA's difference from LoRA")  # the fake's LoRA ignores its lr
+    assert "k = **4**" in text and "| lora @ matched lr (control) | 0.0012 | 3 |" in text
 
 
 def test_parallel_workers_respect_the_sweep(tmp_path):
-    """Two workers (``--jobs 2``) run every planned run once, and a main or rank run only
-    after its method's whole sweep has finished."""
+    """Two workers (``--jobs 2``) never run one folder twice at once, and a main, control or
+    rank run of a method starts only after its sweep has settled."""
     import threading
     import time
 
     fake, order, lock = FakeRunner(), [], threading.Lock()
 
-    def slow(command, cfg, out, record):
-        time.sleep(0.01 if record["phase"] == "sweep" else 0.002)  # let the workers overlap
+    def slow(item, out):
+        time.sleep(0.01 if item.phase == "sweep" else 0.002)  # let the workers overlap
         with lock:
-            order.append((record["phase"], record.get("method"), "start"))
-        ok = fake(command, cfg, out, record)
+            order.append((item.phase, item.record.get("method"), "start"))
+        ok = fake(item, out)
         with lock:
-            order.append((record["phase"], record.get("method"), "end"))
+            order.append((item.phase, item.record.get("method"), "end"))
         return ok
 
     study = Study(TINY, tmp_path, runner=slow, log=lambda m: None)
     study.run(jobs=2)
-    keys = [c["key"] for c in fake.calls]
-    total = 1 + sum(len(v) for v in TINY.lr_grid.values()) + 4 * 3 + 4 * 2
-    assert len(keys) == len(set(keys)) == total and study.ran == total
-    for method, grid in TINY.lr_grid.items():
+    assert len({c["key"] for c in fake.calls}) == _total(TINY)
+    for method in TINY.lr_grid:
         last_sweep_end = max(i for i, e in enumerate(order) if e == ("sweep", method, "end"))
-        first_later = min(i for i, e in enumerate(order) if e[1] == method and e[0] != "sweep")
+        first_later = min(i for i, e in enumerate(order) if e[1] == method and e[0] in ("main", "rank"))
         assert first_later > last_sweep_end
-
-
-def test_a_task_without_rank_ablation_plans_and_reports_none(tmp_path):
-    no_ranks = dataclasses.replace(TINY, tasks=[dataclasses.replace(TINY.tasks[0], rank_ablation=False)])
-    fake = FakeRunner()
-    study = Study(no_ranks, tmp_path, runner=fake, log=lambda m: None)
-    study.run()
-    total = 1 + sum(len(v) for v in TINY.lr_grid.values()) + 4 * 3
-    assert study.total_runs() == total == len(fake.calls)
-    assert not [c for c in fake.calls if c["phase"] == "rank"]
-    write_report(study, tmp_path / "REPORT.md")
-    text = (tmp_path / "REPORT.md").read_text()
-    assert "Status: complete" in text and "### Rank ablation" not in text
-    assert "r in [4, 16, 64] (alpha = r), seed 0, on no task" in text
-
-
-def test_uniform_guess_floor_of_a_multiple_choice_validation_set(tmp_path):
-    from types import SimpleNamespace
-
-    from report import _guess_floor
-
-    rows = [{"question": "q1", "choices": ["a", "b", "c"], "answer": 0},
-            {"question": "q2", "choices": ["a", "b"], "answer": 1}]
-    (tmp_path / "mc-val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    study = SimpleNamespace(data_dir=tmp_path)
-    data = {"rows": [{"phase": "sweep", "task": "mc", "val": {"examples": 2, "tokens": 6}}]}
-    assert _guess_floor(study, data, "mc") == pytest.approx((math.log(3) + math.log(2)) / 6)
-    data["rows"][0]["val"]["examples"] = 3  # a validation set that is not this file: no floor
-    assert _guess_floor(study, data, "mc") is None
-    assert _guess_floor(study, {"rows": []}, "mc") is None
 
 
 def test_verdict_rule():
     assert compare((0.5, 0.01, 3), (0.3, 0.01, 3), True)[0] == "holds"
     assert compare((0.3, 0.01, 3), (0.5, 0.01, 3), True)[0] == "does not hold"
     assert compare((0.31, 0.05, 3), (0.30, 0.05, 3), True)[0] == "inconclusive"
+    # equal within a tight noise band, and the band excludes a 1% gain: no gain worth the name
+    assert compare((0.500, 0.001, 3), (0.501, 0.001, 3), False, margin=0.005)[0] == "does not hold"
+    assert compare((0.500, 0.001, 3), (0.501, 0.001, 3), False, margin=0.0)[0] == "inconclusive"
     # one seed each: the binomial error of 60 problems decides; 8% vs 5% is noise
-    assert compare((0.08, None, 1), (0.05, None, 1), True, n_eval=60)[0] == "inconclusive"
+    assert compare((0.08, None, 1), (0.05, None, 1), True, n_items=60)[0] == "inconclusive"
     assert compare((0.2, None, 1), (0.3, None, 1), False)[0] == "inconclusive"  # no noise estimate
+    run = {"steps": [1, 2, 3, 4, 5, 6], "loss": [1.0] * 6}
+    assert steps_to(run, 1.0) == 1 and steps_to(run, 0.5) == 7  # not reached: censored at steps + 1
+
+
+def test_every_phase_names_its_measures():
+    assert set(NEEDS) == {"base", "sweep", "main", "control", "rank"}
+    assert "accuracy" in NEEDS["main"] and NEEDS["sweep"] == ("val",)
 
 
 @pytest.mark.slow
 def test_quick_subset_runs_and_resumes(tmp_path):
-    """The --quick subset end to end on the real model (~10-20 min on 2 cores)."""
+    """The --quick subset end to end on the real model (~30 min on 2 busy cores)."""
     run = [sys.executable, str(STUDY_DIR / "run.py"), "--quick", "--root", str(tmp_path)]
-    first = subprocess.run(run, capture_output=True, text=True, timeout=1800)
+    first = subprocess.run(run, capture_output=True, text=True, timeout=3600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     report = (tmp_path / "REPORT-quick.md").read_text()
     assert "Status: complete" in report and "## Verdicts" in report

@@ -1,7 +1,7 @@
 """The paper-claims study, one command; rerunning it resumes (finished runs are cached).
 
-    python studies/paper_claims/run.py            # the full study (~1.6 h on 2 idle CPU cores)
-    python studies/paper_claims/run.py --quick    # a subset in < 20 min (REPORT-quick.md)
+    python studies/paper_claims/run.py            # the full study (estimate: plan.ESTIMATE)
+    python studies/paper_claims/run.py --quick    # a plumbing check, ~30 min (REPORT-quick.md)
     python studies/paper_claims/run.py --report   # only regenerate REPORT.md from finished runs
 
 Runs land in ``studies/paper_claims/runs/<config hash>/``; the report is rewritten after
@@ -19,16 +19,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from plan import FULL, QUICK, StudyConfig, TaskBudget  # noqa: E402
+from plan import FULL, QUICK, Budget, GsmCut, StudyConfig  # noqa: E402
 from report import write_report  # noqa: E402
 from runner import Study  # noqa: E402
 
-# A plumbing check in a few minutes: one task, two methods, one lr each, 3 steps.
+# A plumbing check in a few minutes: two methods, one lr each, 2 steps, tiny eval sets.
 SMOKE = StudyConfig(
     name="smoke",
-    tasks=[TaskBudget("bigbench_social_iqa", max_length=96, steps=3, batch_size=2, eval_limit=8,
-                      mmlu_limit=8, val_limit=8)],
-    methods=("lora", "dude"), lr_grid={"lora": [1e-3], "dude": [1e-4]}, seeds=[0], ranks=[4, 16],
+    budget=Budget(cut=GsmCut(train_per=1, val_per=1, id_per=1, ood_per=1), steps=2, batch_size=2, accuracy_limit=2,
+                  max_new_tokens=32, limits={"val": 4, "id": 4, "ood": 4, "retention": 4}),
+    methods=("lora", "dude"), lr_grid={"lora": [1e-3], "dude": [1e-4]}, max_extensions=0, seeds=[0], ranks=[16],
+    control=("lora", "dude"),
 )
 STUDIES = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_const", const="quick", dest="study", default="full",
-                        help="the < 20 min subset (social_iqa, LoRA vs DuDe, 8 steps)")
+                        help="the plumbing-check subset (LoRA vs DuDe, 4 steps, small eval sets)")
     parser.add_argument("--smoke", action="store_const", const="smoke", dest="study",
                         help="a few-minute plumbing check")
     parser.add_argument("--report", action="store_true", help="only regenerate the report")

@@ -1,21 +1,26 @@
 """Run the plan with an on-disk cache: ``<root>/runs/<key>/`` per run, skipped once finished.
 
-A run directory holds what ``dude train`` writes (config, metrics.jsonl, summary.json,
-eval.json; the adapter weights are gitignored) plus ``record.json``: the run's place in
-the study (phase, task, method, lr, seed, r). A run is *finished* when its summary, its
-evaluation (main/rank runs) or validation loss (sweep runs) and record are there; an
-unfinished directory (a killed run) is started over. Each run is its own process, so
-peak memory is per run and one failure does not stop the study.
+An item is one of three commands: ``train`` (``dude train``, then ``measures.py`` for the
+measures its phase needs), ``base`` (``measures.py`` on the base model) or ``calib``
+(``control.py``, the first-step update ratio). A run folder holds what ``dude train``
+writes (config, metrics.jsonl, summary.json; adapter weights are gitignored), the
+measures (measures.json) and ``record.json``. A train item is *finished* when it trained
+(summary.json) and measures.json has every measure its phase needs, or when it diverged
+(diverged.json: its validation loss counts as infinite). A run killed halfway is started
+over; measures already computed are kept. Each command is its own process, so peak
+memory is per run and one failure does not stop the study.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,28 +28,51 @@ import yaml
 
 from dude.train.options import to_dict
 
-from plan import (StudyConfig, TaskBudget, ablation_ranks, base_config, config_key, main_specs, rank_specs,
-                  sweep_specs, with_output)
+from plan import (NEEDS, StudyConfig, base_key, calib_key, calib_request, config_key, measure_request, sweep_grid,
+                  train_config, with_output)
 
 HERE = Path(__file__).resolve().parent
 
 
+@dataclass
+class Item:
+    """One planned unit of work: its command, cache key, place in the study and config."""
+
+    command: str                      # train, base or calib
+    key: str
+    record: dict[str, Any]            # phase, method, lr, seed, r
+    cfg: Any = None                   # TrainConfig of a train item
+    request: dict[str, Any] = field(default_factory=dict)  # measure or calib request
+
+    @property
+    def phase(self) -> str:
+        return self.record["phase"]
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _write(path: Path, data: Any) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
     tmp.replace(path)
 
 
-def finished(out: Path, phase: str) -> bool:
-    needed = ["summary.json", "record.json", "val.json" if phase == "sweep" else "eval.json"]
-    if phase == "base":
-        needed = ["eval.json", "record.json"]
-    return all((out / name).is_file() for name in needed)
+def finished(out: Path, item: Item) -> bool:
+    if item.command == "calib":
+        return (out / "update_ratio.json").is_file()
+    if (out / "diverged.json").is_file():
+        return True
+    if item.command == "train" and not (out / "summary.json").is_file():
+        return False
+    done = read_json(out / "measures.json") or {}
+    return all(m in done for m in NEEDS[item.phase])
 
 
 def _python(args: list[str], log: Path) -> int:
-    # One thread per run: on a shared 2-core machine two OpenMP threads per process spin
-    # against the other jobs' threads (a 3-step smoke run took minutes); STUDY_THREADS overrides.
+    # One thread per process: on a shared 2-core machine two OpenMP threads per process spin
+    # against the other jobs' threads; STUDY_THREADS overrides.
     threads = os.environ.get("STUDY_THREADS", "1")
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -52,22 +80,39 @@ def _python(args: list[str], log: Path) -> int:
         return subprocess.run([sys.executable, *args], env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
 
 
-def execute(command: str, cfg: Any, out: Path, record: dict[str, Any]) -> bool:
-    """``dude <command>`` on ``cfg`` into ``out`` (then the validation loss for sweep runs)."""
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = with_output(cfg, out)
-    if command == "train":
-        cfg.run.overwrite = True  # an unfinished run of the same config is started over
+def _train(item: Item, out: Path, log: Path) -> int:
+    cfg = with_output(item.cfg, out)
+    cfg.run.overwrite = True  # an unfinished run of the same config is started over
     path = out / "run-config.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    code = _python(["-m", "dude.cli", "train", "--config", str(path)], log)
+    if code != 0 and "training stopped at step" in log.read_text():  # dude's TrainingDiverged
+        _write(out / "diverged.json", {"lr": item.record.get("lr"), "log_tail": log.read_text()[-600:]})
+    return code
+
+
+def execute(item: Item, out: Path) -> bool:
+    """Do one item into ``out``; True when it finished (a diverged run counts as finished)."""
+    out.mkdir(parents=True, exist_ok=True)
     log = out / "run.log"
     start = time.perf_counter()
-    code = _python(["-m", "dude.cli", command, "--config", str(path)], log)
-    if code == 0 and record["phase"] == "sweep":
-        code = _python([str(HERE / "valloss.py"), str(out)], log)
+    if item.command == "calib":
+        _write(out / "calib-request.json", item.request)
+        code = _python([str(HERE / "control.py"), str(out)], log)
+    else:
+        code = 0
+        if item.command == "train" and not (out / "summary.json").is_file():
+            code = _train(item, out, log)
+            if (out / "diverged.json").is_file():
+                code = 0
+        if code == 0 and not (out / "diverged.json").is_file():
+            _write(out / "measure-request.json", item.request)
+            code = _python([str(HERE / "measures.py"), str(out)], log)
     if code != 0:
         return False
-    _write(out / "record.json", {**record, "process_seconds": round(time.perf_counter() - start, 1),
+    old = read_json(out / "record.json") or {}
+    seconds = old.get("process_seconds", 0.0) + time.perf_counter() - start
+    _write(out / "record.json", {**old, **item.record, "key": item.key, "process_seconds": round(seconds, 1),
                                  "threads": int(os.environ.get("STUDY_THREADS", "1"))})
     return True
 
@@ -75,75 +120,109 @@ def execute(command: str, cfg: Any, out: Path, record: dict[str, Any]) -> bool:
 class Study:
     """The plan of a study and its cache under ``root/runs``.
 
-    ``runner(command, cfg, out, record) -> bool`` does one run (tests pass a fake)."""
+    ``runner(item, out) -> bool`` does one item (tests pass a fake)."""
 
-    def __init__(self, study: StudyConfig, root: Path, runner: Callable[..., bool] = execute,
+    def __init__(self, study: StudyConfig, root: Path, runner: Callable[[Item, Path], bool] = execute,
                  log: Callable[[str], None] = print):
         self.study, self.root, self.runner, self.log = study, root, runner, log
-        self.runs_dir = root / "runs"
-        self.data_dir = root / "data"
+        self.runs_dir, self.data_dir = root / "runs", root / "data"
         self.ran = self.skipped = self.failed = 0
+        self._items: dict[Any, Any] = {}
 
-    def _do(self, command: str, cfg: Any, key: str, record: dict[str, Any]) -> None:
-        out = self.runs_dir / key
-        if finished(out, record["phase"]):
-            self.skipped += 1
-            return
-        label = " ".join(f"{k}={v}" for k, v in record.items() if k != "study")
-        self.log(f"[{time.strftime('%H:%M:%S')}] run {key}: {label}")
+    def _train_item(self, phase: str, method: str, lr: float, seed: int, r: int) -> Item:
+        """The item of one run; memoized, since the plan is recomputed after every item and a
+        key hashes the training file."""
+        args = (phase, method, lr, seed, r)
+        if args not in self._items:
+            cfg = train_config(self.study, method, lr, seed, r, self.data_dir)
+            record = {"phase": phase, "method": method, "lr": lr, "seed": seed, "r": r}
+            self._items[args] = Item("train", config_key(cfg), record, cfg,
+                                     measure_request(self.study, self.data_dir, phase))
+        return self._items[args]
+
+    def val_loss(self, method: str, lr: float) -> float | None:
+        """Validation loss of the seed-0 sweep run of ``method`` at ``lr``; inf if it diverged."""
+        item = self._train_item("sweep", method, lr, 0, self.study.r)
+        out = self.runs_dir / item.key
+        if not finished(out, item):
+            return None
+        return math.inf if (out / "diverged.json").is_file() else read_json(out / "measures.json")["val"]["loss"]
+
+    def sweep(self, method: str) -> tuple[list[float], float | None]:
+        """(grid so far, best lr once the sweep has settled)."""
+        loss_of = lambda lr: self.val_loss(method, lr)  # noqa: E731
+        grid, settled = sweep_grid(self.study.lr_grid[method], loss_of, self.study.max_extensions)
+        return grid, (min(grid, key=loss_of) if settled else None)
+
+    def best_lrs(self) -> dict[str, float]:
+        return {m: lr for m in self.study.methods if (lr := self.sweep(m)[1]) is not None}
+
+    def control_lr(self, best: dict[str, float]) -> float | None:
+        """k * best lr of the matched method (3 significant digits), once both are known."""
+        if self.study.control is None or self.study.control[1] not in best:
+            return None
+        calib = next(i for i in self.plan_fixed() if i.command == "calib")
+        ratio = read_json(self.runs_dir / calib.key / "update_ratio.json")
+        return float(f"{ratio['ratio'] * best[self.study.control[1]]:.3g}") if ratio else None
+
+    def plan_fixed(self) -> list[Item]:
+        """The base measures and the calibration: their keys depend on the data alone."""
+        s = self.study
+        if "fixed" not in self._items:
+            self._items["fixed"] = [Item("base", base_key(s, self.data_dir), {"phase": "base"},
+                                         request=measure_request(s, self.data_dir, "base"))]
+            if s.control is not None:
+                self._items["fixed"].append(Item("calib", calib_key(s, self.data_dir), {"phase": "calib"},
+                                                 request=calib_request(s, self.data_dir)))
+        return list(self._items["fixed"])
+
+    def plan(self) -> list[Item]:
+        """Every item that can be planned now, in the order they run: the base measures, the
+        update-ratio calibration, the sweeps, the main runs, the control, the rank ablation."""
+        s, r = self.study, self.study.r
+        items = self.plan_fixed()
+        best = {}
+        for m in s.methods:
+            grid, best_m = self.sweep(m)
+            items += [self._train_item("sweep", m, lr, 0, r) for lr in grid]
+            if best_m is not None:
+                best[m] = best_m
+        items += [self._train_item("main", m, best[m], seed, r) for seed in s.seeds for m in s.methods if m in best]
+        lr_c = self.control_lr(best)
+        if lr_c is not None:
+            items += [self._train_item("control", s.control[0], lr_c, seed, r) for seed in s.seeds]
+        items += [self._train_item("rank", m, best[m], 0, rank) for rank in s.ranks if rank != r
+                  for m in s.methods if m in best]
+        return items
+
+    def _do(self, item: Item) -> None:
+        label = " ".join(f"{k}={v}" for k, v in item.record.items())
+        self.log(f"[{time.strftime('%H:%M:%S')}] {item.command} {item.key}: {label}")
         start = time.perf_counter()
-        ok = self.runner(command, cfg, out, {**record, "key": key})
+        ok = self.runner(item, self.runs_dir / item.key)
         self.ran += ok
         self.failed += not ok
         self.log(f"[{time.strftime('%H:%M:%S')}]   {'done' if ok else 'FAILED (see run.log)'} "
                  f"in {time.perf_counter() - start:.0f} s")
 
-    def best_lrs(self, budget: TaskBudget) -> dict[str, float]:
-        """method -> lr of lowest validation loss, for methods whose whole sweep finished."""
-        best = {}
-        for method in self.study.methods:
-            losses = {}
-            for spec in sweep_specs(self.study, budget, self.data_dir):
-                out = self.runs_dir / spec.key
-                if spec.method == method and finished(out, "sweep"):
-                    losses[spec.lr] = json.loads((out / "val.json").read_text())["val_loss"]
-            if len(losses) == len(self.study.lr_grid[method]):
-                best[method] = min(losses, key=losses.get)
-        return best
-
-    def plan(self) -> list[tuple[str, Any, str, dict[str, Any]]]:
-        """Every run that can be planned now, in the order they run: per task the base
-        eval, the sweep and the main runs; then the rank ablations (least needed last)."""
-        items, ranks = [], []
-        for budget in self.study.tasks:
-            base = base_config(budget)
-            items.append(("eval", base, config_key(base), {"phase": "base", "task": budget.task}))
-            best = self.best_lrs(budget)
-            specs = sweep_specs(self.study, budget, self.data_dir) + main_specs(self.study, budget, best, self.data_dir)
-            items += [("train", s.config, s.key, {"study": self.study.name, **s.describe()}) for s in specs]
-            ranks += [("train", s.config, s.key, {"study": self.study.name, **s.describe()})
-                      for s in rank_specs(self.study, budget, best, self.data_dir)]
-        return items + ranks
-
     def run(self, max_runs: int | None = None, jobs: int = 1) -> None:
-        """Run what is not finished, phase by phase (a finished sweep unlocks the later
-        phases, so the plan is recomputed whenever a run ends). ``jobs`` runs go side by
-        side, each its own one-thread process; a worker with nothing plannable waits for
-        the others (their sweep may unlock more)."""
-        attempted: set[str] = set()
+        """Run what is not finished. A finished sweep unlocks later phases, so the plan is
+        recomputed whenever an item ends; ``jobs`` items go side by side (one process each,
+        never two on one run folder); a worker with nothing plannable waits for the others."""
+        attempted: set[tuple[str, str]] = set()
         busy: set[str] = set()
         lock = threading.Condition()
 
-        def next_item() -> tuple | None:
+        def next_item() -> Item | None:
             with lock:
                 while True:
                     if max_runs is not None and self.ran + self.failed + len(busy) >= max_runs:
                         return None
-                    todo = [i for i in self.plan()
-                            if i[2] not in attempted and not finished(self.runs_dir / i[2], i[3]["phase"])]
+                    todo = [i for i in self.plan() if (i.key, i.phase) not in attempted and i.key not in busy
+                            and not finished(self.runs_dir / i.key, i)]
                     if todo:
-                        attempted.add(todo[0][2])
-                        busy.add(todo[0][2])
+                        attempted.add((todo[0].key, todo[0].phase))
+                        busy.add(todo[0].key)
                         return todo[0]
                     if not busy:
                         lock.notify_all()
@@ -153,10 +232,10 @@ class Study:
         def worker() -> None:
             while (item := next_item()) is not None:
                 try:
-                    self._do(*item)
+                    self._do(item)
                 finally:
                     with lock:
-                        busy.discard(item[2])
+                        busy.discard(item.key)
                         lock.notify_all()
 
         threads = [threading.Thread(target=worker) for _ in range(max(1, jobs))]
@@ -164,51 +243,28 @@ class Study:
             t.start()
         for t in threads:
             t.join()
-        self.skipped = sum(finished(self.runs_dir / i[2], i[3]["phase"]) for i in self.plan()) - self.ran
+        self.skipped = sum(finished(self.runs_dir / i.key, i) for i in self.plan()) - self.ran
 
     def missing(self) -> list[dict[str, Any]]:
-        """Records of planned runs not finished, plus the phases still locked by a sweep."""
-        out = [dict(i[3], key=i[2]) for i in self.plan() if not finished(self.runs_dir / i[2], i[3]["phase"])]
-        for budget in self.study.tasks:
-            best = self.best_lrs(budget)
-            for m in self.study.methods:
-                if m not in best:
-                    n_rank = len(ablation_ranks(self.study, budget))
-                    out.append({"phase": "main+rank", "task": budget.task, "method": m,
-                                "note": f"{len(self.study.seeds)} main + {n_rank} rank runs, not planned "
-                                        "yet: they wait for this method's lr sweep", "count": len(self.study.seeds) + n_rank})
+        """Planned items not finished, plus what still waits for a sweep."""
+        out = [dict(i.record, key=i.key) for i in self.plan() if not finished(self.runs_dir / i.key, i)]
+        best = self.best_lrs()
+        n_later = len(self.study.seeds) - 1 + len([r for r in self.study.ranks if r != self.study.r])
+        out += [{"phase": "main+rank", "method": m, "count": n_later,
+                 "note": f"{n_later} main/rank runs, not planned yet: they wait for this method's lr sweep"}
+                for m in self.study.methods if m not in best]
         return out
 
-    def total_runs(self) -> int:
-        """Runs in the whole study once every sweep has picked its lr."""
-        s = self.study
-        return sum(1 + sum(len(s.lr_grid[m]) for m in s.methods)
-                   + len(s.methods) * (len(s.seeds) + len(ablation_ranks(s, b))) for b in s.tasks)
-
     def records(self) -> list[dict[str, Any]]:
-        """Every finished run of this study's plan, with its files read."""
-        rows = []
-        for command, cfg, key, record in self.plan():
-            out = self.runs_dir / key
-            if finished(out, record["phase"]):
-                rows.append(load_record(out))
-        return rows
+        """Every finished item of the plan, with its files read (a run that is both a sweep
+        and a main run appears once per phase)."""
+        return [load_record(self.runs_dir / i.key, i) for i in self.plan() if finished(self.runs_dir / i.key, i)]
 
 
-def load_record(out: Path) -> dict[str, Any]:
-    def read(name: str) -> Any:
-        return json.loads((out / name).read_text()) if (out / name).is_file() else None
-
-    row = read("record.json")
+def load_record(out: Path, item: Item) -> dict[str, Any]:
     metrics = out / "metrics.jsonl"
     lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
-    row["steps"] = [r["step"] for r in lines]
-    row["loss"] = [r["loss"] for r in lines]
-    row["summary"] = read("summary.json")
-    row["val"] = read("val.json")
-    evaluation = read("eval.json") or {}
-    results = evaluation.get("results", evaluation)  # dude eval wraps them, dude train does not
-    results = {k: v for k, v in results.items() if isinstance(v, dict) and "accuracy" in v}
-    row["accuracy"] = {k: v["accuracy"] for k, v in results.items()}
-    row["eval_n"] = {k: v["n"] for k, v in results.items()}
-    return row
+    return {**(read_json(out / "record.json") or {}), **item.record, "key": item.key,
+            "steps": [r["step"] for r in lines], "loss": [r["loss"] for r in lines],
+            "summary": read_json(out / "summary.json"), "measures": read_json(out / "measures.json") or {},
+            "diverged": (out / "diverged.json").is_file(), "ratio": read_json(out / "update_ratio.json")}

@@ -1,55 +1,48 @@
-"""Validation loss of a trained adapter: the lr sweep's criterion.
+"""Teacher-forced response loss: the study's held-out, validation and retention measure.
 
-Mean cross-entropy over response tokens (the training objective) of the validation file,
-with the adapter loaded on the base model. Loss rather than accuracy: at 135M scale and
-a few dozen validation problems, greedy-answer accuracy on math is a handful of correct
-answers and would pick lrs by noise; the loss ranks every lr on every token.
+    loss = sum_i sum_{t in response_i} -log p(y_t | y_<t) / sum_i |response_i|
 
-    python studies/paper_claims/valloss.py RUN_DIR   # writes RUN_DIR/val.json
+over the examples of one file, in the prompt format of training (``dude.data``: chat
+template, loss on the response tokens only, prompt tokens masked). One token-weighted
+mean over the whole set, the same quantity the training loop minimises. Loss rather
+than accuracy: at 135M a few hundred math problems give a handful of correct greedy
+answers, while the loss ranks every model on every answer token.
+
+No example may be cut: a response truncated by ``max_length`` would drop its last tokens
+from the measure, so such a set is refused (raise ``max_length``).
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
+from typing import Any
 
 import torch
-import yaml
 
 
-def validation_loss(run_dir: Path, batch_size: int = 8) -> dict:
-    from dude.data import build_sft_examples, collate_sft, load_task
-    from dude.train.commands import load_for
-    from dude.train.config import ModelConfig
+def response_loss(model: Any, tokenizer: Any, examples: list[dict], max_length: int,
+                  batch_size: int = 8) -> dict[str, float | int]:
+    """``{"loss", "tokens", "examples"}`` of ``examples`` (math or instruction dicts)."""
+    from dude.data import build_sft_examples, collate_sft
 
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    data = cfg["data"]
-    model, tokenizer, _ = load_for(ModelConfig(**cfg["model"]), str(run_dir))
+    encoded = build_sft_examples(tokenizer, examples, max_length=10 ** 6)
+    longest = max(len(e["input_ids"]) for e in encoded)
+    if longest > max_length:
+        raise ValueError(f"an example has {longest} tokens > max_length {max_length}: its answer would be cut; "
+                         "raise the study's max_length")
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))  # little padding
+    total, tokens = 0.0, 0
+    was_training = model.training
     model.eval()
-    raw = load_task("file", path=data["eval_path"], format=data["format"])
-    examples = build_sft_examples(tokenizer, raw, data["max_length"], chat=data.get("chat"))
-    total = tokens = 0.0
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            batch = collate_sft(examples[i:i + batch_size], pad_token_id=tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                     ignore_index=-100, reduction="sum")
-            total += loss.item()
-            tokens += (labels != -100).sum().item()
-    return {"val_loss": total / tokens, "examples": len(examples), "tokens": int(tokens)}
-
-
-def main() -> None:
-    run_dir = Path(sys.argv[1])
-    result = validation_loss(run_dir)
-    tmp = run_dir / ".tmp-val.json"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(run_dir / "val.json")
-    print(f"validation loss {result['val_loss']:.4f} over {result['tokens']} tokens")
-
-
-if __name__ == "__main__":
-    main()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                batch = collate_sft([encoded[i] for i in order[start:start + batch_size]],
+                                    pad_token_id=tokenizer.pad_token_id)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                labels = batch["labels"][:, 1:]  # (b, t-1): token t is predicted at position t-1
+                total += torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum").item()
+                tokens += int((labels != -100).sum())
+    finally:
+        model.train(was_training)
+    return {"loss": total / tokens, "tokens": tokens, "examples": len(encoded)}
