@@ -219,7 +219,7 @@ def test_study_runs_once_resumes_and_reports(tmp_path):
     assert "**holds**" in row("| Converges faster than LoRA")
     assert "**does not hold**" in row("| Forgets less")  # the same rise for every method: no gain
     assert "**holds**" in row("| Higher greedy accuracy")
-    assert "**holds**" in row("| PISSA's difference from LoRA")  # the fake's LoRA ignores its lr
+    assert "**holds**" in row("| PiSSA's difference from LoRA")  # the fake's LoRA ignores its lr
     assert "k = **4**" in text and "| lora @ matched lr (control) | 0.0012 | 3 |" in text
 
 
@@ -259,6 +259,8 @@ def test_verdict_rule():
     # one seed each: the binomial error of 60 problems decides; 8% vs 5% is noise
     assert compare((0.08, None, 1), (0.05, None, 1), True, n_items=60)[0] == "inconclusive"
     assert compare((0.2, None, 1), (0.3, None, 1), False)[0] == "inconclusive"  # no noise estimate
+    # 0 of 2 correct each: no evidence either way (a plain binomial error of 0 would say "does not hold")
+    assert compare((0.0, None, 1), (0.0, None, 1), True, n_items=2, margin=0.01)[0] == "inconclusive"
     run = {"steps": [1, 2, 3, 4, 5, 6], "loss": [1.0] * 6}
     assert steps_to(run, 1.0) == 1 and steps_to(run, 0.5) == 7  # not reached: censored at steps + 1
 

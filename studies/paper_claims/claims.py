@@ -2,7 +2,7 @@
 
 The rule. For a claim "A is better than B" on a measure with seed means a, b and standard
 errors se_a, se_b (seed-to-seed: std / sqrt(seeds); for accuracy the larger of that and
-the binomial sqrt(p(1-p) / (items * seeds))), let gain = a - b (or b - a where lower is
+the binomial one of items * seeds problems, ``binomial_se``), let gain = a - b (or b - a where lower is
 better) and noise = 2 sqrt(se_a^2 + se_b^2):
 
 - **holds**: gain > noise;
@@ -79,8 +79,14 @@ def _se(stat: tuple[float | None, float | None, int], n_items: int = 0) -> float
     if mean is None or (std is None and not n_items):
         return None
     seed_se = std / math.sqrt(n) if std is not None else 0.0
-    binom_se = math.sqrt(max(mean * (1 - mean), 1e-12) / (n_items * n)) if n_items else 0.0
-    return max(seed_se, binom_se)
+    return max(seed_se, binomial_se(mean, n_items * n) if n_items else 0.0)
+
+
+def binomial_se(p: float, items: int) -> float:
+    """sqrt(p~ (1 - p~) / items) with p~ = (correct + 1) / (items + 2): 0 of 420 correct is
+    not a certain 0% (the plain formula would give a standard error of 0)."""
+    p_adj = (p * items + 1) / (items + 2)
+    return math.sqrt(p_adj * (1 - p_adj) / items)
 
 
 def compare(a: tuple, b: tuple, higher_better: bool, n_items: int = 0, margin: float = 0.0) -> tuple[str, float | None]:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from claims import aggregate, fmt, smoothed, window
+from claims import aggregate, binomial_se, fmt, smoothed, window
 from context import context_lines, setup_lines
 from verdicts import verdict_rows
 
@@ -113,7 +113,7 @@ def _acc(a: dict) -> str:
     if mean is None:
         return "-"
     items = a.get("accuracy_n", 0) * max(n, 1)
-    binom = math.sqrt(max(mean * (1 - mean), 1e-12) / items) if items else 0
+    binom = binomial_se(mean, items) if items else 0.0
     return f"{fmt(a['accuracy'], '.1f', 100)} (binom. SE {binom * 100:.1f})"
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from claims import MARGIN, combine, compare, fmt
 
 OTHERS = ("lora", "dora", "pissa")
+NAMES = {"lora": "LoRA", "dora": "DoRA", "pissa": "PiSSA", "dude": "DuDe"}
 # measure -> (higher is better, margin kind, number format, scale, unit)
 MEASURES = {"steps_to_target": (False, "steps", ".0f", 1, "steps"),
             "id": (False, "loss", ".4f", 1, "nats/token"), "ood": (False, "loss", ".4f", 1, "nats/token"),
@@ -75,9 +76,9 @@ def verdict_rows(main: dict[str, dict], ranks: dict[str, dict[int, dict]], contr
         trained, matched = control_pair
         both = dict(main, control=control) if control else dict(main)
         verdict, numbers = pairwise(both, matched, "id", ("control",))
-        rows.append({"claim": f"{matched.upper() if matched == 'pissa' else matched}'s difference from LoRA is "
-                              f"more than its larger update (LoRAM control: {trained} at the lr factor that "
-                              f"matches {matched}'s first step), in-distribution loss",
+        rows.append({"claim": f"{NAMES[matched]}'s difference from {NAMES[trained]} is more than its larger update "
+                              f"(LoRAM control: {NAMES[trained]} at the lr factor that matches {NAMES[matched]}'s "
+                              "first step), in-distribution loss",
                      "verdict": verdict, "numbers": numbers.replace("control", f"{trained}@matched lr")})
     return rows
 
