@@ -5,14 +5,15 @@ GSM-symbolic ships 24 generated variants of each of its 100 templates
 seed 0) is kept; inside each of the 70 train templates the 24 variants are shuffled
 (seeded, per template) and cut into disjoint parts:
 
-    variants 0 .. id_per-1                   -> gsm-id.jsonl    in-distribution test (70 x 6 = 420)
-    next val_per                             -> gsm-val.jsonl   validation, the lr sweep's criterion
-    next train_per                           -> gsm-train.jsonl training set
+    variants 0 .. id_per-1   -> gsm-id-*.jsonl     in-distribution test (70 x 6 = 420)
+    next val_per             -> gsm-val-*.jsonl    validation, the lr sweep's criterion (70 x 1 = 70)
+    next train_per           -> gsm-train-*.jsonl  training set (70 x 3 = 210)
 
-and ``ood_per`` variants of each of the 30 held-out templates -> gsm-ood.jsonl
+and ``ood_per`` variants of each of the 30 held-out templates -> gsm-ood-*.jsonl (30 x 3 = 90)
 (out of distribution: templates never trained on). No question is in two files.
 
-Retention text: the chain-of-thought explanations of the 282 MMLU dev questions
+Retention text: the chain-of-thought explanations of the 282 MMLU dev questions (in a seeded
+random order, so the study's limit of 141 is a sample across subjects)
 (lm-eval's flan CoT prompts: question + lettered choices -> "Let's think step by step.
 ... The answer is (X)."), as ``{"prompt", "response"}``: science, law, history prose
 that GSM training does not teach. Its response loss before vs after training measures
@@ -34,10 +35,10 @@ SPLIT_SEED = 1234  # the per-template variant shuffle (the template split is the
 class GsmCut:
     """Variants per template in each part (train templates: id + val + train <= 24)."""
 
-    train_per: int = 6
-    val_per: int = 2
+    train_per: int = 3
+    val_per: int = 1
     id_per: int = 6
-    ood_per: int = 5
+    ood_per: int = 3
 
     def __post_init__(self) -> None:
         if self.id_per + self.val_per + self.train_per > 24 or min(self.train_per, self.val_per, self.id_per,
@@ -109,5 +110,7 @@ def write_files(data_dir: Path, cut: GsmCut) -> dict[str, Path]:
     parts = gsm_parts(cut)
     for name in ("train", "val", "id", "ood"):
         _write_jsonl(paths[name], [{"question": r["question"], "answer": r["answer"]} for r in parts[name]])
-    _write_jsonl(paths["retention"], retention_rows())
+    retention = retention_rows()
+    random.Random(SPLIT_SEED).shuffle(retention)  # subjects mixed: a limit takes a random sample
+    _write_jsonl(paths["retention"], retention)
     return paths

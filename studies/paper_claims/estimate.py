@@ -82,7 +82,8 @@ def study_cpu_hours(units: dict, study, n_train: int, sizes: dict[str, int], ext
     from plan import NEEDS
 
     steps = study.budget.train_steps(n_train)
-    step = {m: units["steps"][m]["cpu_s"] for m in units["steps"]}
+    scale = study.budget.batch_size / units.get("batch_size", study.budget.batch_size)  # cost ~ examples per step
+    step = {m: units["steps"][m]["cpu_s"] * scale for m in units["steps"]}
     per_loss = units["eval"]["loss_cpu_s"] / units["eval"]["loss_examples"]
     per_gen = units["eval"]["gen_cpu_s"] / units["eval"]["gen_examples"]
     n_acc = min(sizes["id"], study.budget.accuracy_limit or 10 ** 9)
@@ -100,7 +101,7 @@ def study_cpu_hours(units: dict, study, n_train: int, sizes: dict[str, int], ext
         "main": sum((len(study.seeds) - 1) * (steps * step[m] + measures("main")) + measures("main")
                     for m in study.methods),
         "control": len(study.seeds) * (steps * step["lora"] + measures("control")),
-        "rank": sum(n_rank * (steps * step[m] + measures("rank")) for m in study.methods),
+        "rank": sum(n_rank * (steps * step[m] + measures("rank")) for m in study.methods),  # r=64 costs ~ r=16
         "base": measures("base"),
     }
     hours = {k: round(v / 3600, 2) for k, v in parts.items()}
@@ -123,6 +124,7 @@ def main() -> None:
     steps = step_costs(read_jsonl(files["train"], 16), FULL.budget)
     evals = eval_costs(files, FULL.budget)
     result = {"load_average_before": load_before, "load_average_after": os.getloadavg(), "threads": 1,
+              "batch_size": FULL.budget.batch_size,
               "steps": steps, "eval": evals, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (HERE / "estimate.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

@@ -9,22 +9,46 @@ The request (written by the runner) names the measures wanted and the files they
 - ``accuracy``: greedy exact-match accuracy on the in-distribution test file (first
   ``accuracy_limit`` problems), with ``correct`` per problem for paired comparisons.
 
-Results are merged into ``RUN_DIR/measures.json``; a measure already there is not redone,
-so a sweep run later chosen as a main run only adds the measures it lacked. Without an
+Results are merged into ``RUN_DIR/measures.json``; a measure already there (with the same
+``fingerprint``: file content and settings) is not redone, so a sweep run later chosen as
+a main run only adds the measures it lacked. Without an
 ``adapter_config.json`` in RUN_DIR the base model is measured (the "before" of retention).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 LOSS_SETS = ("val", "id", "ood", "retention")
 ALL = (*LOSS_SETS, "accuracy")
+
+
+@lru_cache(maxsize=32)
+def _file_digest(path: str, mtime_ns: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def fingerprint(request: dict[str, Any], name: str) -> str:
+    """What a measure's value depends on besides the weights: its file's content and the
+    settings that read it. A cached measure counts only while its fingerprint matches, so a
+    changed eval set or limit is measured again rather than mixed in."""
+    source = request["files"]["id" if name == "accuracy" else name]
+    settings = ({"limit": request.get("accuracy_limit"), "max_new_tokens": request["max_new_tokens"]}
+                if name == "accuracy" else {"limit": request.get("limits", {}).get(name)})
+    digest = _file_digest(str(source), Path(source).stat().st_mtime_ns)
+    return hashlib.sha256(json.dumps([digest, settings], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def measured(done: dict[str, Any], request: dict[str, Any]) -> bool:
+    """Every measure of ``request`` is in ``done`` with the current fingerprint."""
+    return all(done.get(m, {}).get("fingerprint") == fingerprint(request, m) for m in request["measures"])
 
 
 def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
@@ -51,7 +75,7 @@ def compute(run_dir: Path, request: dict[str, Any], done: dict[str, Any]) -> dic
 
     from valloss import response_loss
 
-    todo = [m for m in request["measures"] if m not in done]
+    todo = [m for m in request["measures"] if done.get(m, {}).get("fingerprint") != fingerprint(request, m)]
     if not todo:
         return {}
     model, tokenizer = load_model(run_dir)
@@ -70,7 +94,7 @@ def compute(run_dir: Path, request: dict[str, Any], done: dict[str, Any]) -> dic
                          "per_item": [int(p["correct"]) for p in result["predictions"]]}
         else:
             raise ValueError(f"unknown measure {name!r}; known: {ALL}")
-        out[name]["seconds"] = round(time.perf_counter() - start, 1)
+        out[name].update(seconds=round(time.perf_counter() - start, 1), fingerprint=fingerprint(request, name))
         print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in out[name].items() if k != "per_item"), flush=True)
     return out
 

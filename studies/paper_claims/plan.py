@@ -17,9 +17,19 @@ templates), plus the MMLU-dev explanations as retention text. Phases:
 A run is a ``dude train`` config; its key is a hash of the resolved config (minus output
 options) and of the data files it reads (``config_key``).
 
-Budget (measured 2026-11-25 on this 2-core machine, one thread per run, with other
-helpers' jobs running: load average 4-5; see ``ESTIMATE`` in this module):
-the full study is ``FULL``; its CPU time is estimated in ``ESTIMATE`` below.
+Budget of ``FULL``: 210 training problems (3 variants x 70 templates), batch 2, 105 steps
+= 1 epoch; max_length 448 (no answer cut); validation 70, in-distribution test 420,
+out-of-distribution test 90, retention 141 MMLU-dev explanations, greedy accuracy on 140.
+
+CPU time, measured by ``estimate.py`` (``estimate.json``, 2026-11-25 17:47 UTC, one thread,
+load average 7-9 from the other helpers' tests and benchmarks): a training step of 4
+examples 14.2 (LoRA) / 15.1 (DoRA) / 14.8 (PiSSA) / 15.3 (DuDe) CPU-s, response loss 1.1
+CPU-s per problem, greedy generation 4.4 CPU-s per problem (the base model, which runs to
+the token limit). ``estimate.py --from-json``: 33 training runs (2 grid extensions
+assumed), **14.2 CPU-h** (sweep 3.3, main 6.2, control 1.1, rank 3.1, base 0.4), i.e. ~7 h
+wall with ``--jobs 2``; CPU seconds measured at load 7-9 are inflated by the contention, so
+a quiet machine should need ~5-6 h. Resumable at any point (the cache). To cut it further:
+``accuracy_limit`` (generation is ~1/5 of main) or the rank ablation (3.1 CPU-h).
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ LOSS_MEASURES = ("val", "id", "ood", "retention")
 TEST_MEASURES = ("id", "ood", "retention")
 # what each phase measures: the validation loss picks lrs (sweep); the test sets judge the claims
 NEEDS = {"base": (*LOSS_MEASURES, "accuracy"), "sweep": ("val",), "main": (*TEST_MEASURES, "accuracy"),
-         "control": TEST_MEASURES, "rank": TEST_MEASURES}
+         "control": ("id", "retention"), "rank": ("id", "retention")}
 # Options that do not change what a run computes: left out of the cache key.
 VOLATILE = {"run": ("output_dir", "resume", "overwrite", "progress", "save_every", "keep_checkpoints"),
             "target": ("output_dir", "overwrite")}
@@ -207,7 +217,9 @@ def with_output(cfg: TrainConfig, out: Path) -> TrainConfig:
 LR_GRID = {"lora": [1e-3, 3e-3, 1e-2], "dora": [1e-3, 3e-3, 1e-2],
            "pissa": [1e-4, 3e-4, 1e-3], "dude": [1e-4, 3e-4, 1e-3]}
 
-FULL = StudyConfig(name="full", lr_grid=LR_GRID)
+FULL = StudyConfig(name="full", lr_grid=LR_GRID, budget=Budget(
+    cut=GsmCut(train_per=3, val_per=1, id_per=6, ood_per=3), batch_size=2, accuracy_limit=140,
+    limits={"retention": 141}))  # a seeded half of the 282 MMLU-dev explanations
 
 # A plumbing check: LoRA vs DuDe (control matched to DuDe), a few steps, small eval sets.
 QUICK = StudyConfig(

@@ -28,7 +28,8 @@ import yaml
 
 from dude.train.options import to_dict
 
-from plan import (NEEDS, StudyConfig, base_key, calib_key, calib_request, config_key, measure_request, sweep_grid,
+from measures import measured
+from plan import (StudyConfig, base_key, calib_key, calib_request, config_key, measure_request, sweep_grid,
                   train_config, with_output)
 
 HERE = Path(__file__).resolve().parent
@@ -66,8 +67,7 @@ def finished(out: Path, item: Item) -> bool:
         return True
     if item.command == "train" and not (out / "summary.json").is_file():
         return False
-    done = read_json(out / "measures.json") or {}
-    return all(m in done for m in NEEDS[item.phase])
+    return measured(read_json(out / "measures.json") or {}, item.request)
 
 
 def _python(args: list[str], log: Path) -> int:

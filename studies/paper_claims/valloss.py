@@ -16,33 +16,21 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 
 def response_loss(model: Any, tokenizer: Any, examples: list[dict], max_length: int,
                   batch_size: int = 8) -> dict[str, float | int]:
-    """``{"loss", "tokens", "examples"}`` of ``examples`` (math or instruction dicts)."""
-    from dude.data import build_sft_examples, collate_sft
+    """``{"loss", "tokens", "examples"}`` of ``examples`` (math or instruction dicts).
 
-    encoded = build_sft_examples(tokenizer, examples, max_length=10 ** 6)
-    longest = max(len(e["input_ids"]) for e in encoded)
-    if longest > max_length:
-        raise ValueError(f"an example has {longest} tokens > max_length {max_length}: its answer would be cut; "
+    The loss itself is ``dude.evaluate.evaluate_response_loss``; this adds the refusal of
+    cut answers and a length-sorted order (batches of similar lengths waste little padding).
+    """
+    from dude.data import build_sft_examples
+    from dude.evaluate.loss import evaluate_response_loss
+
+    lengths = [len(e["input_ids"]) for e in build_sft_examples(tokenizer, examples, max_length=10 ** 6)]
+    if max(lengths) > max_length:
+        raise ValueError(f"an example has {max(lengths)} tokens > max_length {max_length}: its answer would be cut; "
                          "raise the study's max_length")
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))  # little padding
-    total, tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                batch = collate_sft([encoded[i] for i in order[start:start + batch_size]],
-                                    pad_token_id=tokenizer.pad_token_id)
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                labels = batch["labels"][:, 1:]  # (b, t-1): token t is predicted at position t-1
-                total += torch.nn.functional.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum").item()
-                tokens += int((labels != -100).sum())
-    finally:
-        model.train(was_training)
-    return {"loss": total / tokens, "tokens": tokens, "examples": len(encoded)}
+    ordered = [examples[i] for i in sorted(range(len(examples)), key=lengths.__getitem__)]
+    result = evaluate_response_loss(model, tokenizer, ordered, batch_size=batch_size, max_length=max_length)
+    return {"loss": result["loss"], "tokens": result["tokens"], "examples": result["n"]}
