@@ -156,6 +156,31 @@ def test_response_loss_matches_a_direct_hf_forward(smollm2):
         response_loss(model, tokenizer, rows, max_length=40)
 
 
+def test_lora_first_step_update_is_lr_times_sign_of_gradient_times_a(smollm2):
+    """The control's measured update against its closed form: with B = 0, AdamW's first step
+    is dB = -lr g_B / (|g_B| + eps) and dA = 0 (g_A = 0), so ||dW|| = s ||dB A|| per layer."""
+    import torch
+
+    import dude
+    from dude.data import build_sft_examples, collate_sft
+
+    from control import first_step_update
+    from plan import adapter_config
+
+    model, tokenizer = smollm2
+    rows = [{"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"},
+            {"question": "What is 12 times 3?", "answer": "12 * 3 = 36\n#### 36"}]
+    batch = collate_sft(build_sft_examples(tokenizer, rows, 256), tokenizer.pad_token_id)
+    got = first_step_update("lora", 4, 0, batch, lr=1e-5)
+    dude.apply(model, adapter_config("lora", 4, 0))
+    model.train()
+    model(**batch).loss.backward()
+    with torch.no_grad():
+        expected = sum(float(torch.linalg.norm(layer.scaling * 1e-5 * (layer.lora_B.grad / (layer.lora_B.grad.abs() + 1e-8))
+                                               @ layer.lora_A)) for layer in dude.adapter_layers(model).values())
+    assert got > 0 and got == pytest.approx(expected, rel=1e-3)
+
+
 def test_config_key_is_the_resolved_config(tmp_path):
     a = train_config(TINY, "dude", 1e-4, 0, 16, tmp_path)
     moved = dataclasses.replace(a, run=dataclasses.replace(a.run, output_dir="elsewhere", overwrite=True))

@@ -89,19 +89,24 @@ def binomial_se(p: float, items: int) -> float:
     return math.sqrt(p_adj * (1 - p_adj) / items)
 
 
+def noise(a: tuple, b: tuple, n_items: int = 0) -> float | None:
+    """2 sqrt(se_a^2 + se_b^2): how far apart a and b must be to count (None: one seed, no items)."""
+    se_a, se_b = _se(a, n_items), _se(b, n_items)
+    return None if se_a is None or se_b is None else 2 * math.sqrt(se_a ** 2 + se_b ** 2)
+
+
 def compare(a: tuple, b: tuple, higher_better: bool, n_items: int = 0, margin: float = 0.0) -> tuple[str, float | None]:
     """Verdict on "a is better than b" (see the module docstring) and a - b."""
     if a[0] is None or b[0] is None:
         return "missing", None
     diff = a[0] - b[0]
-    se_a, se_b = _se(a, n_items), _se(b, n_items)
-    if se_a is None or se_b is None:
+    band = noise(a, b, n_items)
+    if band is None:
         return "inconclusive", diff  # one run each, no noise estimate
-    noise = 2 * math.sqrt(se_a ** 2 + se_b ** 2)
     gain = diff if higher_better else -diff
-    if gain > noise:
+    if gain > band:
         return "holds", diff
-    if gain < -noise or gain + noise < margin:
+    if gain < -band or gain + band < margin:
         return "does not hold", diff
     return "inconclusive", diff
 

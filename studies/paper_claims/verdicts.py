@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from claims import MARGIN, combine, compare, fmt
+from claims import MARGIN, combine, compare, fmt, noise
 
 OTHERS = ("lora", "dora", "pissa")
 NAMES = {"lora": "LoRA", "dora": "DoRA", "pissa": "PiSSA", "dude": "DuDe"}
@@ -43,7 +43,10 @@ def pairwise(main: dict[str, dict], claimant: str, measure: str, vs: tuple[str, 
         n_items = a.get("accuracy_n", 0) if measure == "accuracy" else 0
         v, diff = compare(a[measure], b[measure], higher, n_items, _margin(kind, ref))
         verdicts.append(v)
-        parts.append(f"{m} {fmt(b[measure], spec, scale)} ({v}, diff {diff * scale:+{spec.lstrip('+')}})")
+        band = noise(a[measure], b[measure], n_items)
+        num = spec.lstrip("+")
+        why = f", 2 SE {band * scale:{num}}" if band is not None else ", one seed: no noise estimate"
+        parts.append(f"{m} {fmt(b[measure], spec, scale)} ({v}: diff {diff * scale:+{num}}{why})")
     return combine(verdicts), f"{claimant} {fmt(a[measure], spec, scale)} vs " + "; ".join(parts) + f" [{unit}]"
 
 
