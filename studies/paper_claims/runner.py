@@ -253,6 +253,11 @@ class Study:
         out += [{"phase": "main+rank", "method": m, "count": n_later,
                  "note": f"{n_later} main/rank runs, not planned yet: they wait for this method's lr sweep"}
                 for m in self.study.methods if m not in best]
+        if self.study.control is not None and self.control_lr(best) is None:
+            n = len(self.study.seeds)
+            out.append({"phase": "control", "method": self.study.control[0], "count": n,
+                        "note": f"{n} runs, not planned yet: they wait for the calibration and the "
+                                f"{self.study.control[1]} sweep"})
         return out
 
     def records(self) -> list[dict[str, Any]]:
