@@ -94,6 +94,7 @@ def test_full_budget_covers_an_epoch_and_no_answer_is_cut(tmp_path, smollm2):
     files = data_files(FULL, tmp_path)
     rows = {k: read_jsonl(p) for k, p in files.items()}
     b = FULL.budget
+    assert train_config(FULL, "dude", 1e-4, 0, 16, tmp_path).data.eval_fraction == 0.0  # every row is trained on
     assert b.train_steps(n_train(FULL, tmp_path)) * b.batch_size >= len(rows["train"]) == 210  # >= 1 epoch
     assert len(rows["id"]) >= 400 and len(rows["ood"]) == 90 and len(rows["val"]) == 70
     assert len(rows["retention"]) == 282

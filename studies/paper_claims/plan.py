@@ -135,7 +135,9 @@ def train_config(study: StudyConfig, method: str, lr: float, seed: int, r: int, 
     optim = OptimConfig(steps=b.train_steps(n_train(study, data_dir)), lr=lr, batch_size=b.batch_size,
                         warmup_ratio=0.1)
     run = RunConfig(output_dir="", seed=seed, progress=False, device="cpu")
-    data = DataConfig(task="file", path=str(files["train"]), format="math", max_length=b.max_length)
+    # eval_fraction 0: train on every row (the study's own files hold the validation and test sets)
+    data = DataConfig(task="file", path=str(files["train"]), format="math", max_length=b.max_length,
+                      eval_fraction=0.0)
     return TrainConfig(adapter=adapter_config(method, r, seed), data=data, optim=optim, run=run,
                        eval=EvalConfig(tasks=[]))  # measured by measures.py, not by dude train's eval
 
