@@ -7,6 +7,11 @@ All at the same rank, alpha, targets and dropout. PEFT's PiSSA uses its randomiz
 (``pissa_niter_4``) and ours ``svd="randomized"`` for speed: the time of a training step
 does not depend on the init. A ``:autograd`` suffix on a dude name selects the layer's
 plain-autograd forward instead of the fused one, to show what the fused path buys.
+
+On a 4-bit base (NF4, issue 9): ``dude-qlora``, ``dude-qdora``, ``dude-qpissa``,
+``dude-qdude`` (``AdapterConfig(quantize="nf4")`` on the full-precision model) and
+``peft-qlora``, ``peft-qdora`` (PEFT on the model transformers loads with
+``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``: the same codes).
 """
 
 from __future__ import annotations
@@ -41,12 +46,16 @@ def adapt(model: nn.Module, name: str, *, r: int, alpha: float, targets: list[st
     if name == BASE:
         return model
     name, _, variant = name.partition(":")  # "dude-dude:autograd": the plain-autograd forward; ":ckpt": gradient checkpointing
-    svd_init = name.endswith("pissa") or name == "dude-dude"
-    fresh = copy.deepcopy(model) if (svd_init or not share) else _shell(model)
+    svd_init = name.endswith("pissa") or name in ("dude-dude", "dude-qdude")
+    if name.startswith("peft-q"):
+        fresh = smollm2_4bit()
+    else:
+        fresh = copy.deepcopy(model) if (svd_init or not share) else _shell(model)
     if name.startswith("dude-"):
         method = name.split("-", 1)[1]
-        config = dude.AdapterConfig(method=method, r=r, alpha=alpha, target_modules=targets, dropout=dropout,
-                                    svd="randomized")
+        quantize = "nf4" if method.startswith("q") else None
+        config = dude.AdapterConfig(method=method.removeprefix("q"), r=r, alpha=alpha, target_modules=targets,
+                                    dropout=dropout, svd="randomized", quantize=quantize)
         dude.apply(fresh, config)
         if variant == "autograd":
             for layer in dude.adapter_layers(fresh).values():
@@ -74,6 +83,17 @@ def smollm2(dtype: torch.dtype = torch.float32) -> nn.Module:
     """The real SmolLM2-135M-Instruct (cached safetensors), in train mode."""
     model, _ = dude.load_model(dtype=dtype)
     return model
+
+
+def smollm2_4bit() -> nn.Module:
+    """SmolLM2 as transformers loads it in NF4 (bitsandbytes ``Linear4bit``, float32 compute)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from dude.hub import default_model_dir
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(default_model_dir(), quantization_config=config, device_map="cpu",
+                                                dtype=torch.float32)
 
 
 def smollm2_batch(model: nn.Module, batch: int, seq: int, seed: int = 0, device: str = "cpu") -> dict:
