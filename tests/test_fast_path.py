@@ -36,7 +36,7 @@ def _reference(layer, x, dropped):
 
 
 def _grads(layer, x, y):
-    weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+    weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.device)
     params = layer.adapter_params() + [x]
     return torch.autograd.grad((y.float() * weight).sum(), params)
 

@@ -34,18 +34,17 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    enabled: bool = False  # in a process group (several processes, or FSDP under a launcher)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
 
-
-def setup(device: str = "auto") -> Dist:
-    """Join the process group if launched by torchrun; pick the device."""
+def setup(device: str = "auto", strategy: str = "ddp") -> Dist:
+    """Join the process group if launched by torchrun / accelerate with several processes,
+    or with one under ``fsdp`` (a one-GPU sharded run exercises the multi-GPU code); pick
+    the device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -56,10 +55,11 @@ def setup(device: str = "auto") -> Dist:
     dev = torch.device(device, local_rank) if device == "cuda" else torch.device(device)
     if device == "cuda":
         torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
+    enabled = world_size > 1 or (strategy == "fsdp" and "WORLD_SIZE" in os.environ)
+    if enabled and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=60))  # rank 0 evaluates alone
-    return Dist(rank, world_size, local_rank, dev)
+    return Dist(rank, world_size, local_rank, dev, enabled)
 
 
 def launcher_strategy(strategy: str) -> str:

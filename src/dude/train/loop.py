@@ -78,7 +78,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     if strategy != cfg.run.strategy:
         print(f"accelerate's FSDP config: run.strategy {strategy} (was {cfg.run.strategy})")
         cfg = replace(cfg, run=replace(cfg.run, strategy=strategy))
-    d = distributed.setup(cfg.run.device)
+    d = distributed.setup(cfg.run.device, cfg.run.strategy)
     try:
         return _train(cfg, d, start, model, tokenizer, examples, collate)
     finally:
