@@ -41,6 +41,33 @@ def test_randomized_svd_is_seeded_and_accurate():
     assert torch.linalg.norm(part(*rough) - part(*exact)) > 10 * torch.linalg.norm(part(*first) - part(*exact))
 
 
+def test_randomized_svd_of_half_wide_and_tall_weights():
+    """A bf16 weight gives the factors of its float32 copy, to the bit; a wide weight those
+    of its transpose (the basis lives on the smaller side), as orthonormal factors."""
+    tall = _matrix(out=260, inp=90, decay=0.97).to(torch.bfloat16)
+    options = dict(randomized=True, niter=6, oversample=8, seed=5)
+    half = decompose.top_singular(tall, 6, **options)
+    single = decompose.top_singular(tall.float(), 6, **options)
+    assert all(torch.equal(a, b) for a, b in zip(half, single))
+    u, s, vh = decompose.top_singular(tall.T, 6, **options)  # wide: (90, 260)
+    torch.testing.assert_close((u * s @ vh).T, half[0] * half[1] @ half[2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(u.T @ u, torch.eye(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(vh @ vh.T, torch.eye(6), atol=1e-5, rtol=0)
+    exact = decompose.top_singular(tall, 6)
+    err = torch.linalg.norm(u * s @ vh - (exact[0] * exact[1] @ exact[2]).T) / torch.linalg.norm(exact[1])
+    assert err < 1e-3
+
+
+def test_half_residual_is_computed_in_row_blocks_without_a_float32_copy(monkeypatch):
+    monkeypatch.setattr(decompose, "ROW_BLOCK", 7)  # several blocks and a ragged last one
+    w = _matrix(out=30, inp=20).to(torch.bfloat16)
+    b0, a0 = decompose.principal_factors(*decompose.top_singular(w, 4), 0.5)
+    blocked = decompose.residual_weight(w, b0, a0, 0.5)
+    whole = torch.addmm(w.float(), b0, a0, alpha=-0.5).to(torch.bfloat16)
+    assert blocked.dtype == torch.bfloat16
+    torch.testing.assert_close(blocked, whole, atol=0, rtol=2**-8)  # at most a bf16 ulp (BLAS blocking)
+
+
 def test_principal_split_reconstructs_the_weight():
     w, scaling = _matrix(), 0.5
     b0, a0 = decompose.principal_factors(*decompose.top_singular(w, 6), scaling)

@@ -28,36 +28,50 @@ def top_singular(
     oversample: int = 8,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r singular triplets ``(U_r (out, r), S_r (r,), Vh_r (r, in))`` of a float32 matrix.
+    """Top-r singular triplets ``(U_r (out, r), S_r (r,), Vh_r (r, in))``, float32, of a
+    float32 or half-precision matrix (the math is float32 either way).
 
     ``randomized`` builds a block Krylov subspace (Musco & Musco, NeurIPS 2015), the
     stronger sibling of the power-iterated range finder of Halko, Martinsson & Tropp
-    (2011, alg. 4.4): a seeded Gaussian sketch of ``k = r + oversample`` columns, ``niter``
-    power steps re-orthonormalised by QR, and every step's block kept, so the basis spans
-    ``[W O, (W W^T) W O, ...]`` (``k * (niter + 1)`` columns). Then an exact SVD of the
-    projected matrix. Pretrained weights have flat spectra (SmolLM2's up_proj: s_1 = 15.4,
-    s_16 = 12.56, s_17 = 12.53), where plain power iteration needs ~30 steps to place the
-    top-16 subspace within 1%; the Krylov basis gets there in ~10. The same seed gives
-    the same factors on the same machine.
+    (2011, alg. 4.4), on the smaller side of ``W`` (say ``in <= out``): a seeded Gaussian
+    sketch ``O`` of ``k = r + oversample`` columns, ``niter`` power steps re-orthonormalised
+    by QR, and every step's block kept, so the basis ``Q`` spans
+    ``[W^T O, (W^T W) W^T O, ...]`` (``k (niter + 1)`` columns). Then Rayleigh-Ritz through
+    the small Gram matrix ``G = (W Q)^T (W Q) = E diag(S^2) E^T`` (eigh in float64):
+    ``V_r = Q E_r``, ``U_r = W V_r / S_r``. Pretrained weights have flat spectra (SmolLM2's
+    up_proj: s_1 = 15.4, s_16 = 12.56, s_17 = 12.53), where plain power iteration needs
+    ~30 steps to place the top-16 subspace within 1%; the Krylov basis gets there in ~10.
+
+    A half-precision ``W`` is copied to float32 once (each product reading it in blocks
+    was 2x slower); beside that copy lives the basis, ``min(out, in) x k (niter + 1)``,
+    and ``W Q``. The same seed gives the same factors on the same machine.
     """
-    if weight.dtype != torch.float32:
-        raise TypeError(f"top_singular expects a float32 matrix, got {weight.dtype}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"top_singular expects a floating-point matrix, got {weight.dtype}")
     if not randomized:
-        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        u, s, vh = torch.linalg.svd(weight.to(torch.float32), full_matrices=False)
         return u[:, :r], s[:r], vh[:r]
-    k = min(r + oversample, *weight.shape)
+    if weight.shape[0] < weight.shape[1]:  # the basis on the smaller side: W^T = V S U^T
+        v, s, uh = top_singular(weight.T, r, randomized=True, niter=niter, oversample=oversample, seed=seed)
+        return uh.T, s, v.T
+    w32 = weight.to(torch.float32)  # (out, in): the one float32 copy of a half-precision W
+    k = min(r + oversample, weight.shape[1])
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    sketch = torch.randn(weight.shape[1], k, generator=generator).to(weight.device)  # (in, k)
-    block, _ = torch.linalg.qr(weight @ sketch)  # (out, k)
-    blocks = [block]
-    for _ in range(niter):
-        co_block, _ = torch.linalg.qr(weight.T @ block)  # (in, k)
-        block, _ = torch.linalg.qr(weight @ co_block)  # (out, k)
-        blocks.append(block)
-    krylov = torch.cat(blocks, dim=1)[:, : min(weight.shape)]  # (out, <= k (niter + 1))
-    basis, _ = torch.linalg.qr(krylov)
-    u_small, s, vh = torch.linalg.svd(basis.T @ weight, full_matrices=False)  # (K, K), (K,), (K, in)
-    return (basis @ u_small)[:, :r], s[:r], vh[:r]
+    sketch = torch.randn(weight.shape[0], k, generator=generator).to(weight.device)  # (out, k)
+    krylov = torch.empty(weight.shape[1], k * (niter + 1), device=weight.device)  # (in, k (niter + 1))
+    krylov[:, :k], _ = torch.linalg.qr(w32.T @ sketch)
+    for step in range(niter):
+        co_block, _ = torch.linalg.qr(w32 @ krylov[:, step * k:(step + 1) * k])  # (out, k)
+        krylov[:, (step + 1) * k:(step + 2) * k], _ = torch.linalg.qr(w32.T @ co_block)  # (in, k)
+    basis, _ = torch.linalg.qr(krylov[:, : weight.shape[1]])  # (in, K)
+    del krylov
+    projected = w32 @ basis  # (out, K)
+    values, vectors = torch.linalg.eigh((projected.T @ projected).to(torch.float64))  # (K,), (K, K) ascending
+    del projected
+    top = vectors[:, -r:].flip(1).to(torch.float32)  # (K, r)
+    s = values[-r:].flip(0).clamp_min(0.0).sqrt().to(torch.float32)  # (r,)
+    v = basis @ top  # (in, r)
+    return (w32 @ v) / s, s, v.T
 
 
 def principal_factors(
@@ -69,12 +83,18 @@ def principal_factors(
 
 
 def residual_weight(weight: torch.Tensor, b0: torch.Tensor, a0: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The frozen part ``W - s * B0 @ A0``, computed in float32, returned in ``weight``'s dtype.
+    """The frozen part ``W - s * B0 @ A0``, computed in float32, returned in ``weight``'s dtype
+    (a half-precision ``W`` in blocks of ``ROW_BLOCK`` rows: no float32 copy of it).
 
     Saving and loading both call this, so a reloaded residual is bit-identical.
     """
-    w32 = weight.to(torch.float32)
-    return torch.addmm(w32, b0.to(torch.float32), a0.to(torch.float32), alpha=-scaling).to(weight.dtype)
+    b32, a32 = b0.to(torch.float32), a0.to(torch.float32)
+    if weight.dtype == torch.float32:
+        return torch.addmm(weight, b32, a32, alpha=-scaling)
+    residual = torch.empty_like(weight)
+    for rows, b_rows, out in zip(weight.split(ROW_BLOCK), b32.split(ROW_BLOCK), residual.split(ROW_BLOCK)):
+        out.copy_(torch.addmm(rows.to(torch.float32), b_rows, a32, alpha=-scaling))
+    return residual
 
 
 def times_transpose_fp32(weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,9 @@ from .frozen import QuantizedWeight
 
 
 def principal_factors(weight: torch.Tensor, config: AdapterConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B0 (out, r), A0 (r, in))`` from the top-r SVD of ``weight`` in float32."""
+    """``(B0 (out, r), A0 (r, in))`` from the top-r SVD of ``weight`` (float32 math)."""
     u, s, vh = decompose.top_singular(
-        weight.detach().to(torch.float32), config.r, randomized=config.svd == "randomized",
+        weight.detach(), config.r, randomized=config.svd == "randomized",  # top_singular: one float32 copy
         niter=config.svd_niter, oversample=config.svd_oversample, seed=config.seed,
     )
     u = u * (decompose.row_sq_norm(weight) > 0)[:, None]  # a zero row's factors: exactly zero, not SVD rounding
