@@ -41,10 +41,38 @@ def test_fused_path_on_cuda_matches_the_reference(method, dtype):
         torch.testing.assert_close(got.float() / scale, want.float() / scale, **tol)
 
 
-def test_quantized_base_with_cuda_bitsandbytes():
-    if "quantize" not in dude.AdapterConfig.__dataclass_fields__:
-        pytest.skip("the quantized base (issue 9) is not in this tree")
-    pytest.skip("written when issue 9 lands")
+@pytest.mark.parametrize("method", ["dora", "dude"])
+def test_quantized_base_with_cuda_bitsandbytes(method):
+    """QDoRA/QDuDe on the GPU: the frozen part is bitsandbytes' CUDA quantization of the
+    residual, and the layer computes the reference formula on ``deq(Q)``, gradients included."""
+    import bitsandbytes.functional as bnbf
+
+    from dude import decompose, frozen
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=True).cuda()
+    config = dude.AdapterConfig(method=method, r=4, alpha=8, quantize="nf4", quant_magnitude="quantized")
+    layer = dude.AdapterLinear.from_linear(linear, config, generator=torch.Generator().manual_seed(0))
+    weight = linear.weight.detach()
+    residual = weight if layer.lora_B0 is None else decompose.residual_weight(weight, layer.lora_B0, layer.lora_A0,
+                                                                               layer.scaling)
+    packed, _ = bnbf.quantize_4bit(residual, blocksize=64, quant_type="nf4")
+    assert layer.residual.packed.device.type == "cuda" and torch.equal(layer.residual.packed, packed)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # away from init
+        for p in layer.adapter_params():
+            p.add_(0.2 * torch.randn(p.shape, generator=g).to(p.device))
+    x = torch.randn(3, 5, 96, device="cuda", requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    layer.train()
+    out = layer(x)
+    ref = decompose.reference_forward(x_ref, frozen.dense(layer.residual), layer.bias, layer.lora_A, layer.lora_B,
+                                      layer.scaling, layer.magnitude)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    grads = torch.autograd.grad(out.square().sum(), [x, *layer.adapter_params()])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x_ref, *layer.adapter_params()])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
 
 
 def test_fsdp_one_process_over_nccl_matches_plain_training(tiny, tmp_path):  # noqa: F811

@@ -9,7 +9,9 @@ CPU. Strategies (``run.strategy``; accelerate's FSDP config file selects ``fsdp`
 - ``fsdp``: ``torch.distributed.fsdp.fully_shard`` (FSDP2, torch >= 2.6) on each decoder
   layer and on the root, which shards the frozen base weights too: the option for a 7B
   model that does not fit on one GPU. FSDP2 handles a mix of frozen and trainable
-  parameters in one unit, and runs on GPUs (NCCL) and CPUs (gloo) alike. Its parameters
+  parameters in one unit, and runs on GPUs (NCCL) and CPUs (gloo) alike. A 4-bit base
+  (``AdapterConfig.quantize``) keeps its codes in buffers, which FSDP does not shard:
+  every rank holds the whole 4-bit base, and FSDP shards the rest. Its parameters
   become DTensor shards, so the optimizer is built after ``wrap``; checkpoints are
   sharded (``torch.distributed.checkpoint``, see ``sharded_checkpoint.py``), the final
   adapter is gathered (``gathered``) and written by rank 0.
@@ -115,7 +117,9 @@ def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [d.device.index] if d.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # Buffers (a 4-bit base's codes, B0/A0) are built alike on every rank from the same
+        # weights and seed: no broadcast of them before every forward.
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
