@@ -153,6 +153,15 @@ def test_a_training_file_alone_gets_a_seeded_held_out_split(tmp_path):
         train_examples(DataConfig(task="file", path=data.path, eval_fraction=0.01))
 
 
+def test_conversations_sharing_a_system_prompt_split_by_their_question(tmp_path):
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Count to {i}"},
+                          {"role": "assistant", "content": " ".join(map(str, range(1, i + 2)))}]} for i in range(10)]
+    data = DataConfig(task="file", path=str(_write_jsonl(tmp_path / "chat.jsonl", rows)), eval_fraction=0.2)
+    train, held = train_examples(data), eval_examples("heldout", data, None)
+    assert len(train) == 8 and len(held) == 2
+    assert {e["messages"][1]["content"] for e in train}.isdisjoint(e["messages"][1]["content"] for e in held)
+
+
 def test_heldout_without_a_split_fails_before_training(tmp_path, capsys):
     path = _write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"p{i}", "response": "r"} for i in range(10)])
     out = tmp_path / "run"

@@ -99,3 +99,21 @@ def test_zero_rows_through_apply_training_save_load_and_merge(tmp_path, method, 
     others = [i for i in range(ours.shape[1]) if i not in ROWS]
     torch.testing.assert_close(theirs[:, others], ours[:, others], atol=1e-5, rtol=1e-5)
     assert torch.isnan(theirs[:, ROWS]).all() and (ours[:, ROWS] == 0).all()
+
+
+@pytest.mark.parametrize("method", ["dora", "dude"])
+def test_zero_rows_of_a_4bit_frozen_part_train_finite(method):
+    model = dude.apply(_pruned(), dude.AdapterConfig(method=method, r=4, alpha=8, quantize="nf4"))
+    up = model.model.layers[0].mlp.up_proj
+    assert (up.weight_row_norm()[ROWS] == 0).all() and (up.magnitude_scale()[ROWS] == 0).all()
+    model.train()
+    optimizer = torch.optim.AdamW(dude.adapter_parameters(model), lr=1e-2)
+    ids = token_batch()
+    for _ in range(2):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert torch.isfinite(loss)
+    assert all(torch.isfinite(p).all() for p in dude.adapter_parameters(model))
+    assert (up.magnitude[ROWS] == 0).all() and (up.lora_B[ROWS] == 0).all()

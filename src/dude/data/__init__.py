@@ -35,8 +35,10 @@ TASKS = ("gsm_symbolic", "mmlu_dev", "gsm8k_fewshot",
 
 def _question(example: dict) -> str:
     """What two examples must not share across a split: the question or prompt text."""
-    if "messages" in example:
-        return json.dumps(example["messages"][:example["prompt_turns"] or 1])
+    if "messages" in example:  # everything before the first trained turn (a shared system prompt is not enough)
+        messages, start = example["messages"], example["prompt_turns"]
+        first = next(i for i, m in enumerate(messages) if i >= start and m["role"] == "assistant")
+        return json.dumps(messages[:first])
     return example["question"] if "question" in example else example["prompt"]
 
 
