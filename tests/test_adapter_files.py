@@ -90,7 +90,7 @@ def test_inconsistent_or_broken_files_are_refused(saved, edit, message):
 def test_a_magnitude_without_use_dora_is_refused(saved):
     # a PEFT-style file (no dude metadata) whose config says plain LoRA but holds magnitudes
     _rewrite(saved, edit_metadata=lambda m: m.pop("dude_config"), edit_config=lambda c: c.update(use_dora=False))
-    with pytest.raises(ValueError, match="holds magnitude vectors \\(DoRA\\), but adapter_config.json field 'use_dora'"):
+    with pytest.raises(ValueError, match=r"holds magnitude vectors \(DoRA\), but adapter_config.json field 'use_dora'"):
         dude.load(tiny_llama(), saved)
 
 

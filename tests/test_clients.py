@@ -115,7 +115,8 @@ def test_lm_eval_agrees_with_dude_eval_question_by_question(trl_run, smollm2_dir
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         harness = lm_eval.simple_evaluate(
-            model="hf", model_args={"pretrained": str(smollm2_dir), "peft": str(trl_run["adapter"]), "dtype": "float32"},
+            model="hf",
+            model_args={"pretrained": str(smollm2_dir), "peft": str(trl_run["adapter"]), "dtype": "float32"},
             tasks=["dude_mmlu_dev"], task_manager=tasks,
             log_samples=True, batch_size=8, device="cpu")
     samples = sorted(harness["samples"]["dude_mmlu_dev"], key=lambda s: s["doc_id"])

@@ -162,6 +162,14 @@ def test_conversations_sharing_a_system_prompt_split_by_their_question(tmp_path)
     assert {e["messages"][1]["content"] for e in train}.isdisjoint(e["messages"][1]["content"] for e in held)
 
 
+def test_a_bad_training_file_fails_before_anything_is_written(tmp_path, capsys):
+    path = _write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x", "output": "y"}] * 5)
+    out = tmp_path / "run"
+    assert main(["train", "--task", "file", "--path", str(path), "--format", "sharegpt", "--output-dir", str(out)]) == 2
+    assert "lacks column(s) ['conversations'] needed by format 'sharegpt'" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_heldout_without_a_split_fails_before_training(tmp_path, capsys):
     path = _write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"p{i}", "response": "r"} for i in range(10)])
     out = tmp_path / "run"

@@ -123,7 +123,8 @@ def read_file(path: str | Path, format: str | None = None, limit: int | None = N
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:  # datasets wraps parse errors in many types
-        raise ValueError(f"data file {str(path)!r} could not be read as {builder}: {_parse_problem(path, err)}") from err
+        problem = _parse_problem(path, err)
+        raise ValueError(f"data file {str(path)!r} could not be read as {builder}: {problem}") from err
     ds = _rename(ds, columns, path)
     fmt = format or detect_format(list(ds.column_names), path)
     missing = [c for c in FILE_FORMATS[fmt][0] if c not in ds.column_names]

@@ -42,7 +42,8 @@ def example_kind(example: dict) -> Kind:
     if "prompt" in example and "completion" in example:
         return "completion"
     raise ValueError(f"example has fields {sorted(example)}; expected question/answer (math), "
-                     "question/choices/answer (multiple choice), prompt/response (instruction), prompt/completion or messages")
+                     "question/choices/answer (multiple choice), prompt/response (instruction), "
+                     "prompt/completion or messages")
 
 
 def mc_prompt(example: dict, subject: str | None = None) -> str:

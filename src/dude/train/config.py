@@ -64,7 +64,9 @@ class DataConfig:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.columns and self.task != "file":
             raise ValueError(f"data.columns is for data.task 'file', not {self.task!r}")
-        _positive("data", max_length=self.max_length, limit=self.limit)
+        _positive("data", limit=self.limit)
+        if self.max_length < 2:
+            raise ValueError(f"data.max_length must be at least 2 tokens, got {self.max_length}")
 
 
 @dataclass

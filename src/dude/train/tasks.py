@@ -90,9 +90,13 @@ def eval_examples(name: str, data: DataConfig, limit: int | None) -> list[dict]:
 
 
 def check_files(tasks: list[str], data: DataConfig) -> None:
-    """Fail before loading the model or training, not after, on a data file that is not there."""
+    """Fail before loading the model or training, not after, on a data file that is not there,
+    cannot be read, or whose format or columns do not fit (its first row is converted; the
+    rest when training starts: ``datasets`` caches the parsed file, so this costs little)."""
     if data.task == "file" and not Path(data.path or "").is_file():
         raise FileNotFoundError(f"data.path: the training file {data.path!r} does not exist or is not a file")
+    if data.task == "file":
+        read_file(data.path, data.format, 1, data.columns or None)
     if "heldout" in tasks and data.task == "file" and not data.eval_path and not _split_file(data):
         eval_examples("heldout", data, 1)  # the error naming both ways out, before any training
     paths = [(t, t[len("file:"):]) for t in tasks if t.startswith("file:")]
@@ -102,3 +106,5 @@ def check_files(tasks: list[str], data: DataConfig) -> None:
         if not path or not Path(path).is_file():
             option = "data.eval_path" if name == "heldout" else "eval.tasks"
             raise FileNotFoundError(f"{option}: eval set {name!r} needs a file, {path!r} is not one")
+        heldout = name == "heldout"  # the training task's eval file reads as its training file
+        read_file(path, data.format if heldout else None, 1, (data.columns or None) if heldout else None)
