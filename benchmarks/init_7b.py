@@ -161,7 +161,9 @@ def run(rounds: int, settings: list[tuple[int, int]], log=print) -> dict:
         exact[kind] = decompose.top_singular(w, R)
         exact_seconds[kind] = time.perf_counter() - t0
         exact_cpu[kind] = time.process_time() - c0
-        log(f"  exact SVD {kind} {tuple(w.shape)}: {exact_seconds[kind]:.1f}s wall, {exact_cpu[kind]:.1f}s CPU")
+        errors = ", ".join(f"{name} {_error(f[kind], exact[kind]):.2%}" for name, f in found.items())
+        log(f"  exact SVD {kind} {tuple(w.shape)}: {exact_seconds[kind]:.1f}s wall, {exact_cpu[kind]:.1f}s CPU; "
+            f"errors: {errors}; bf16 floor {_error(truth[kind], exact[kind]):.2%}")
     block_exact = sum(exact_seconds.values())
     rows = {kind: {"shape": list(weights[kind].shape), "exact_s": round(exact_seconds[kind], 2),
                    "s_r_over_s_r1": round(truth[kind][1][R - 1].item() / _next_value(profiles[kind], weights[kind]), 6),
