@@ -30,6 +30,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -213,6 +214,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="*", default=["4/8", "12/8"], help="other niter/oversample to time")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows in a log file as it comes
     torch.set_num_threads(args.threads)
     env = harness.environment("cpu")
     settings = [tuple(int(x) for x in setting.split("/")) for setting in args.settings]
