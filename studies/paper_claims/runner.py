@@ -70,50 +70,55 @@ def finished(out: Path, item: Item) -> bool:
     return measured(read_json(out / "measures.json") or {}, item.request)
 
 
-def _python(args: list[str], log: Path) -> int:
+def _python(args: list[str], log: Path) -> tuple[int, float]:
+    """(exit code, CPU seconds of the child: user + system, from its own rusage)."""
     # One thread per process: on a shared 2-core machine two OpenMP threads per process spin
     # against the other jobs' threads; STUDY_THREADS overrides.
     threads = os.environ.get("STUDY_THREADS", "1")
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log, "a") as fh:
-        return subprocess.run([sys.executable, *args], env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen([sys.executable, *args], env=env, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time (workers run side by side)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
-def _train(item: Item, out: Path, log: Path) -> int:
+def _train(item: Item, out: Path, log: Path) -> tuple[int, float]:
     cfg = with_output(item.cfg, out)
     cfg.run.overwrite = True  # an unfinished run of the same config is started over
     path = out / "run-config.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    code = _python(["-m", "dude.cli", "train", "--config", str(path)], log)
+    code, cpu = _python(["-m", "dude.cli", "train", "--config", str(path)], log)
     if code != 0 and "training stopped at step" in log.read_text():  # dude's TrainingDiverged
         _write(out / "diverged.json", {"lr": item.record.get("lr"), "log_tail": log.read_text()[-600:]})
-    return code
+    return code, cpu
 
 
 def execute(item: Item, out: Path) -> bool:
     """Do one item into ``out``; True when it finished (a diverged run counts as finished)."""
     out.mkdir(parents=True, exist_ok=True)
     log = out / "run.log"
-    start = time.perf_counter()
+    start, code, cpu = time.perf_counter(), 0, 0.0
     if item.command == "calib":
         _write(out / "calib-request.json", item.request)
-        code = _python([str(HERE / "control.py"), str(out)], log)
+        code, cpu = _python([str(HERE / "control.py"), str(out)], log)
     else:
-        code = 0
         if item.command == "train" and not (out / "summary.json").is_file():
-            code = _train(item, out, log)
+            code, cpu = _train(item, out, log)
             if (out / "diverged.json").is_file():
                 code = 0
         if code == 0 and not (out / "diverged.json").is_file():
             _write(out / "measure-request.json", item.request)
-            code = _python([str(HERE / "measures.py"), str(out)], log)
+            code, more = _python([str(HERE / "measures.py"), str(out)], log)
+            cpu += more
     if code != 0:
         return False
     old = read_json(out / "record.json") or {}
-    seconds = old.get("process_seconds", 0.0) + time.perf_counter() - start
-    _write(out / "record.json", {**old, **item.record, "key": item.key, "process_seconds": round(seconds, 1),
-                                 "threads": int(os.environ.get("STUDY_THREADS", "1"))})
+    _write(out / "record.json", {
+        **old, **item.record, "key": item.key, "threads": int(os.environ.get("STUDY_THREADS", "1")),
+        "process_seconds": round(old.get("process_seconds", 0.0) + time.perf_counter() - start, 1),
+        "cpu_seconds": round(old.get("cpu_seconds", 0.0) + cpu, 1), "load_average": list(os.getloadavg())})
     return True
 
 
