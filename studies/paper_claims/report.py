@@ -194,6 +194,12 @@ def write_report(study: Any, path: Path) -> None:
     status = (f"**Status: incomplete: {n_missing} runs missing** (listed at the end). Rerunning `{COMMAND}{suffix}` "
               "resumes: finished runs are skipped." if missing else "**Status: complete.**")
     out += [status, ""]
+    if s.name != "full":
+        out += [f"The `{s.name}` subset checks the plumbing end to end (every phase, measure and report section) "
+                "on a few steps and a dozen examples per set: its numbers are not evidence.", ""]
+    elif (path.parent / "REPORT-quick.md").is_file():
+        out += ["The plumbing check (`--quick`: LoRA vs DuDe, 4 steps, 12 examples per set) is in "
+                "[REPORT-quick.md](REPORT-quick.md).", ""]
     rows = verdict_rows(data["main"], data["rank"], data["control"], s.control, data["base"])
     out += ["## Verdicts", "", "| claim | verdict | numbers (DuDe first; each comparison with its own verdict) |",
             "|---|---|---|"] + [f"| {r['claim']} | **{r['verdict']}** | {r['numbers']} |" for r in rows]
