@@ -68,8 +68,9 @@ def test_trl_sft_trainer_trains_a_dude_model_that_peft_loads(trl_run, smollm2_di
             warnings.simplefilter("ignore")
             peft = PeftModel.from_pretrained(load_model(smollm2_dir, dtype=torch.float32)[0], trl_run["adapter"]).eval()
         theirs = peft(ids).logits
-    assert not torch.allclose(ours, base, atol=1e-3)
-    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    assert (ours - base).abs().max() > 0.1  # training moved the model well past the tolerance below
+    # PEFT's unmerged rank-2r DoRA re-associates W_res + s B0 A0: float32 rounding, ~2e-4 on SmolLM2's logits
+    torch.testing.assert_close(theirs, ours, atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["prompt_completion_chat", "prompt_completion"])
