@@ -104,7 +104,8 @@ def markdown(doc: dict) -> str:
     init = doc["init_logits"]
     lines += ["", f"Initial model against the full-precision SmolLM2 on real text ({init['tokens']} tokens, r=16):", "",
               "| variant | KL(full ‖ 4-bit) per token | relative log-prob error |", "|---|---|---|"]
-    lines += [f"| {k} | {v['kl']:.4f} | {v['rel_logprob_error']:.4f} |" for k, v in init.items() if k != "tokens"]
+    lines += [f"| {k.replace('||', '‖')} | {v['kl']:.4f} | {v['rel_logprob_error']:.4f} |"
+              for k, v in init.items() if k != "tokens"]
     lines += ["", "Training step (median of interleaved rounds, min-max) and peak RSS:", "",
               "| method | step (s) | peak RSS (MiB) |", "|---|---|---|"]
     for name, s in doc["train"].items():
