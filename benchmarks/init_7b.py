@@ -118,8 +118,10 @@ def _init_block(block: nn.Module, config: dude.AdapterConfig, log=print) -> tupl
     t0, c0 = time.perf_counter(), time.process_time()
     dude.apply(fresh, config)
     seconds = time.perf_counter() - t0
-    log(f"  dude.apply of the block: {seconds:.1f}s wall, {time.process_time() - c0:.1f}s CPU")
     peak = harness.peak_rss_mib() - before
+    harness.release_memory()
+    log(f"  dude.apply of the block: {seconds:.1f}s wall, {time.process_time() - c0:.1f}s CPU; peak RSS "
+        f"+{peak:.0f} MiB above the model before, +{harness.peak_rss_mib() - harness.rss_mib():.0f} above it after")
     factors = {n.rsplit(".", 1)[-1]: (m.scaling * m.lora_B0.float(), torch.ones(()), m.lora_A0.float())
                for n, m in dude.adapter_layers(fresh).items()}
     del fresh
@@ -141,7 +143,6 @@ def run(rounds: int, settings: list[tuple[int, int]], log=print) -> dict:
     for _ in range(2):
         seconds, peak, factors = _init_block(block, config, log)
         init_times.append(seconds), peaks.append(peak), applied.append(factors)
-        log(f"  peak RSS +{peak:.0f} MiB above the model")
     reproducible = all(torch.equal(a, b) for k in applied[0] for a, b in zip(applied[0][k], applied[1][k]))
     found: dict[str, dict] = {default: applied[0]}
     cases = {}

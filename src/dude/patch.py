@@ -99,10 +99,12 @@ def apply(
     for param in model.parameters():
         param.requires_grad_(False)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    for name, module in targets.items():
+    for name in list(targets):  # in order (one generator); each base layer freed once replaced,
+        module = targets.pop(name)  # so the init holds one old weight at a time, not the whole base twice
         factors = None if initial_factors is None else initial_factors[name]
         layer = AdapterLinear.from_linear(module, config, name=name, generator=generator, initial_factors=factors)
         _set_submodule(model, name, layer)
+        del module, layer
     setattr(model, CONFIG_ATTR, config)
     return model
 
