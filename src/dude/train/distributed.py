@@ -74,7 +74,7 @@ def launcher_strategy(strategy: str) -> str:
     version = os.environ.get("FSDP_VERSION", "1")
     if version != "2":
         raise ValueError(f"accelerate's FSDP config has fsdp_version {version}; dude shards with FSDP2: "
-                         "set fsdp_version: 2 (see configs/accelerate_fsdp.yaml)")
+                         "set fsdp_version: 2 (see configs/accelerate/fsdp.yaml)")
     if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
         raise ValueError("accelerate's FSDP config sets fsdp_offload_params: true, which dude does not do; set it false")
     return "fsdp"
