@@ -1,6 +1,6 @@
 """Measure the unit costs of the study on this machine and estimate its total CPU time.
 
-    flock /tmp/dude-heavy.lock python studies/paper_claims/estimate.py   # writes estimate.json
+    python studies/paper_claims/estimate.py   # writes estimate.json
     python studies/paper_claims/estimate.py --from-json                   # the study's CPU hours from it
 
 One thread, like the study's runs. CPU seconds (``time.process_time``) are measured beside
