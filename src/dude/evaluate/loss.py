@@ -44,8 +44,10 @@ def evaluate_response_loss(model: Any, tokenizer: Any, examples: Sequence[dict],
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits.float()
             targets = batch["labels"][:, 1:].to(device)  # (batch, T-1): token t is predicted at t-1
-            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                  reduction="none")  # (batch, T-1)
+            # (batch * (T-1), vocab) rows: the log-softmax over a contiguous vocab axis (the
+            # transposed (batch, vocab, T-1) layout was 1e-4 relative off the float64 loss)
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                  ignore_index=IGNORE_INDEX, reduction="none").view_as(targets)  # (batch, T-1)
             counts = (targets != IGNORE_INDEX).sum(1)
             total += float(nll.sum())
             tokens += int(counts.sum())
