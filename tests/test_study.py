@@ -319,3 +319,30 @@ def test_quick_subset_runs_and_resumes(tmp_path):
     assert "Status: complete" in report and "## Verdicts" in report
     second = subprocess.run(run, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "ran 0, failed 0" in second.stdout
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """A run folder with a checkpoint is continued (``dude train --resume``, bit-exact),
+    one without is started over; neither option changes the run's key."""
+    import runner
+    import yaml
+
+    study = Study(TINY, tmp_path, log=lambda m: None)
+    item = study._train_item("sweep", "dude", 1e-4, 0, 16)
+    seen = []
+
+    def fake_python(args, log):
+        seen.append(yaml.safe_load(Path(args[-1]).read_text())["run"])
+        log.write_text("killed\n")
+        return 1, 0.0  # "killed": nothing else happens
+
+    monkeypatch.setattr(runner, "_python", fake_python)
+    out = tmp_path / "runs" / item.key
+    runner.execute(item, out)
+    assert seen[-1]["overwrite"] and not seen[-1]["resume"] and seen[-1]["save_every"] == runner.SAVE_EVERY
+    (out / "config.yaml").write_text("{}")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "step-000015.pt").write_bytes(b"")
+    runner.execute(item, out)
+    assert seen[-1]["resume"] and not seen[-1]["overwrite"]
+    assert saved_key(out) == item.key

@@ -101,12 +101,12 @@ def study_cpu_hours(units: dict, study, n_train: int, sizes: dict[str, int], ext
         "main": sum((len(study.seeds) - 1) * (steps * step[m] + measures("main")) + measures("main")
                     for m in study.methods),
         "control": len(study.seeds) * (steps * step["lora"] + measures("control")),
-        "rank": sum(n_rank * (steps * step[m] + measures("rank")) for m in study.methods),  # r=64 costs ~ r=16
+        "rank": sum(n_rank * (steps * step[m] + measures("rank")) for m in study.rank_methods),  # r=64 ~ r=16
         "base": measures("base"),
     }
     hours = {k: round(v / 3600, 2) for k, v in parts.items()}
-    return {"train_steps": steps, "runs": n_grid + extensions + len(study.methods) * (len(study.seeds) - 1 + n_rank)
-            + len(study.seeds), "cpu_hours": hours, "total_cpu_hours": round(sum(parts.values()) / 3600, 2)}
+    return {"train_steps": steps, "runs": n_grid + extensions + len(study.methods) * (len(study.seeds) - 1)
+            + len(study.rank_methods) * n_rank + len(study.seeds), "cpu_hours": hours, "total_cpu_hours": round(sum(parts.values()) / 3600, 2)}
 
 
 def main() -> None:

@@ -12,24 +12,26 @@ templates), plus the MMLU-dev explanations as retention text. Phases:
    same config, so the same cache key), all measures incl. greedy accuracy.
 3. ``control``: LoRA at ``k`` times the best PiSSA lr, where ``k`` matches PiSSA's first
    AdamW step (``control.py``, a ``calib`` item), seeds ``seeds``.
-4. ``rank``: every method at its best lr, seed 0, r in ``ranks`` (alpha = r), loss measures.
+4. ``rank``: each of ``rank_methods`` at its best lr, seed 0, r in ``ranks`` (alpha = r), the
+   in-distribution loss.
 
 A run is a ``dude train`` config; its key is a hash of the resolved config (minus output
 options) and of the data files it reads (``config_key``).
 
 Budget of ``FULL``: 210 training problems (3 variants x 70 templates), batch 2, 105 steps
 = 1 epoch; max_length 448 (no answer cut); validation 70, in-distribution test 420,
-out-of-distribution test 90, retention 141 MMLU-dev explanations, greedy accuracy on 140.
+out-of-distribution test 90, retention 141 MMLU-dev explanations, greedy accuracy on 60
+per run (180 per method over the 3 seeds); rank ablation for LoRA, PiSSA and DuDe.
 
-CPU time, measured by ``estimate.py`` (``estimate.json``, 2026-11-25 17:47 UTC, one thread,
-load average 7-9 from the other helpers' tests and benchmarks): a training step of 4
-examples 14.2 (LoRA) / 15.1 (DoRA) / 14.8 (PiSSA) / 15.3 (DuDe) CPU-s, response loss 1.1
-CPU-s per problem, greedy generation 4.4 CPU-s per problem (the base model, which runs to
-the token limit). ``estimate.py --from-json``: 33 training runs (2 grid extensions
-assumed), **14.2 CPU-h** (sweep 3.3, main 6.2, control 1.1, rank 3.1, base 0.4), i.e. ~7 h
-wall with ``--jobs 2``; CPU seconds measured at load 7-9 are inflated by the contention, so
-a quiet machine should need ~5-6 h. Resumable at any point (the cache). To cut it further:
-``accuracy_limit`` (generation is ~1/5 of main) or the rank ablation (3.1 CPU-h).
+CPU time, measured by ``estimate.py`` on an idle machine (``estimate.json``, 2026-11-25
+19:59 UTC, one thread, load average 0.7-1.3): a training step of 2 examples 4.9 (LoRA) /
+5.1 (DoRA) / 4.7 (PiSSA) / 4.9 (DuDe) CPU-s, so a run of 105 steps ~8.6 CPU-min; response
+loss 1.0 CPU-s per problem, greedy generation 3.7 CPU-s per problem. ``estimate.py
+--from-json``: 31 training runs (2 grid extensions assumed), **~9 CPU-h** (sweep 2.3, main
+4.2, control 0.9, rank 1.6, base 0.3), ~4.5 h wall with ``--jobs 2``. Over the issue's ~6 h:
+31 epochs of training alone are 4.4 CPU-h, and the held-out sets are as small as the
+verdicts allow (>= 400 in-distribution items). Resumable at any point (the cache, and a
+checkpoint every 15 steps inside a run).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ LOSS_MEASURES = ("val", "id", "ood", "retention")
 TEST_MEASURES = ("id", "ood", "retention")
 # what each phase measures: the validation loss picks lrs (sweep); the test sets judge the claims
 NEEDS = {"base": (*LOSS_MEASURES, "accuracy"), "sweep": ("val",), "main": (*TEST_MEASURES, "accuracy"),
-         "control": ("id", "retention"), "rank": ("id", "retention")}
+         "control": ("id", "retention"), "rank": ("id",)}
 # Options that do not change what a run computes: left out of the cache key.
 VOLATILE = {"run": ("output_dir", "resume", "overwrite", "progress", "save_every", "keep_checkpoints"),
             "target": ("output_dir", "overwrite")}
@@ -89,6 +91,7 @@ class StudyConfig:
     max_extensions: int = 3
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     ranks: list[int] = field(default_factory=lambda: [4, 16, 64])
+    rank_methods: tuple[str, ...] = METHODS  # trained at the other ranks (r is the main runs')
     r: int = 16
     control: tuple[str, str] | None = ("lora", "pissa")  # (trained method, method whose first step it matches)
 
@@ -220,8 +223,9 @@ LR_GRID = {"lora": [1e-3, 3e-3, 1e-2], "dora": [1e-3, 3e-3, 1e-2],
            "pissa": [1e-4, 3e-4, 1e-3], "dude": [1e-4, 3e-4, 1e-3]}
 
 FULL = StudyConfig(name="full", lr_grid=LR_GRID, budget=Budget(
-    cut=GsmCut(train_per=3, val_per=1, id_per=6, ood_per=3), batch_size=2, accuracy_limit=140,
-    limits={"retention": 141}))  # a seeded half of the 282 MMLU-dev explanations
+    cut=GsmCut(train_per=3, val_per=1, id_per=6, ood_per=3), batch_size=2, accuracy_limit=60,
+    limits={"retention": 141}),  # a seeded half of the 282 MMLU-dev explanations
+    rank_methods=("lora", "pissa", "dude"))
 
 # A plumbing check: LoRA vs DuDe (control matched to DuDe), a few steps, small eval sets.
 QUICK = StudyConfig(

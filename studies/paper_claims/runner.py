@@ -6,8 +6,9 @@ measures its phase needs), ``base`` (``measures.py`` on the base model) or ``cal
 writes (config, metrics.jsonl, summary.json; adapter weights are gitignored), the
 measures (measures.json) and ``record.json``. A train item is *finished* when it trained
 (summary.json) and measures.json has every measure its phase needs, or when it diverged
-(diverged.json: its validation loss counts as infinite). A run killed halfway is started
-over; measures already computed are kept. Each command is its own process, so peak
+(diverged.json: its validation loss counts as infinite). A run killed halfway resumes from
+its newest checkpoint (every ``SAVE_EVERY`` steps; ``dude train --resume`` is bit-exact, so
+a paused study computes what an uninterrupted one does); measures already computed are kept. Each command is its own process, so peak
 memory is per run and one failure does not stop the study.
 """
 
@@ -26,6 +27,7 @@ from typing import Any, Callable
 
 import yaml
 
+from dude.train.checkpoint import list_checkpoints
 from dude.train.options import to_dict
 
 from measures import measured
@@ -33,6 +35,7 @@ from plan import (StudyConfig, base_key, calib_key, calib_request, config_key, m
                   train_config, with_output)
 
 HERE = Path(__file__).resolve().parent
+SAVE_EVERY = 15  # steps between checkpoints: a pause loses at most this many steps per run
 
 
 @dataclass
@@ -86,7 +89,12 @@ def _python(args: list[str], log: Path) -> tuple[int, float]:
 
 def _train(item: Item, out: Path, log: Path) -> tuple[int, float]:
     cfg = with_output(item.cfg, out)
-    cfg.run.overwrite = True  # an unfinished run of the same config is started over
+    # save_every and resume are left out of the key: they do not change what a run computes
+    cfg.run.save_every, cfg.run.keep_checkpoints = SAVE_EVERY, 1
+    if (out / "config.yaml").is_file() and list_checkpoints(out):
+        cfg.run.resume = True  # continue where the killed run stopped
+    else:
+        cfg.run.overwrite = True  # nothing to continue from: start over
     path = out / "run-config.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     code, cpu = _python(["-m", "dude.cli", "train", "--config", str(path)], log)
@@ -197,7 +205,7 @@ class Study:
         if lr_c is not None:
             items += [self._train_item("control", s.control[0], lr_c, seed, r) for seed in s.seeds]
         items += [self._train_item("rank", m, best[m], 0, rank) for rank in s.ranks if rank != r
-                  for m in s.methods if m in best]
+                  for m in s.rank_methods if m in best]
         return items
 
     def _do(self, item: Item) -> None:
@@ -254,9 +262,10 @@ class Study:
         """Planned items not finished, plus what still waits for a sweep."""
         out = [dict(i.record, key=i.key) for i in self.plan() if not finished(self.runs_dir / i.key, i)]
         best = self.best_lrs()
-        n_later = len(self.study.seeds) - 1 + len([r for r in self.study.ranks if r != self.study.r])
-        out += [{"phase": "main+rank", "method": m, "count": n_later,
-                 "note": f"{n_later} main/rank runs, not planned yet: they wait for this method's lr sweep"}
+        n_rank = len([r for r in self.study.ranks if r != self.study.r])
+        n_later = {m: len(self.study.seeds) - 1 + n_rank * (m in self.study.rank_methods) for m in self.study.methods}
+        out += [{"phase": "main+rank", "method": m, "count": n_later[m],
+                 "note": f"{n_later[m]} main/rank runs, not planned yet: they wait for this method's lr sweep"}
                 for m in self.study.methods if m not in best]
         if self.study.control is not None and self.control_lr(best) is None:
             n = len(self.study.seeds)

