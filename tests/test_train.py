@@ -102,6 +102,35 @@ def test_output_dir_guard(tmp_path):
     assert json.loads((out / "summary.json").read_text())["method"] == "lora"
 
 
+@pytest.mark.parametrize("problem, message", [
+    ("bad_row", "row 2: field 'question' is empty"),  # check_files converts the first row only
+    ("rank", "lower AdapterConfig.r"),  # a rank larger than a layer shows when the adapter is applied
+])
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_start_leaves_no_trace(problem, message, existing, tmp_path, smollm2_dir, capsys):
+    """An error found after the run folder is made removes the folders train() made (still
+    empty), and keeps one the user made."""
+    from dude.cli import main
+
+    path = make_math_file(tmp_path / "math.jsonl", n=6)
+    if problem == "bad_row":
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows[2]["question"] = " "
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model_dir = make_tiny_model_dir(tmp_path / "model", smollm2_dir)  # hidden size 32
+    out = tmp_path / "runs" / "new" / "run"
+    if existing:
+        out.mkdir(parents=True)
+    assert main(["train", "--name-or-path", str(model_dir), "--task", "file", "--path", str(path),
+                 "--eval-fraction", "0", "--tasks", "--adapter.r", "64" if problem == "rank" else "2",
+                 "--steps", "1", "--output-dir", str(out), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    if existing:
+        assert out.is_dir() and not any(out.iterdir())
+    else:
+        assert not (tmp_path / "runs").exists()
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     model = tiny_llama()
     calls = {"n": 0}

@@ -69,6 +69,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
     ``model``/``tokenizer`` (a base model without adapters) and ``examples`` (token ids and
     labels, -100 where no loss) may be passed in; otherwise they come from the config.
+    A start that fails (a bad row, a rank too large for a layer) removes the folders it made.
     """
     from .tasks import check_files
 
@@ -78,9 +79,14 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     if strategy != cfg.run.strategy:
         print(f"accelerate's FSDP config: run.strategy {strategy} (was {cfg.run.strategy})")
         cfg = replace(cfg, run=replace(cfg.run, strategy=strategy))
+    new = rundir.new_folders(Path(cfg.run.output_dir))
     d = distributed.setup(cfg.run.device, cfg.run.strategy)
     try:
         return _train(cfg, d, start, model, tokenizer, examples, collate)
+    except BaseException:
+        if d.is_main:  # an error found after the run folder was made (a bad row, a rank too large) leaves no trace
+            rundir.remove_new_folders(new)
+        raise
     finally:
         distributed.teardown(d)
 

@@ -61,6 +61,28 @@ def prepare(out: Path, config: dict[str, Any], resume: bool, overwrite: bool, cl
         out.mkdir(parents=True, exist_ok=True)
 
 
+def new_folders(out: Path) -> list[Path]:
+    """``out`` and those of its parents that do not exist yet, outermost first: the folders
+    that starting a run there creates."""
+    missing = []
+    for path in (out, *out.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing[::-1]
+
+
+def remove_new_folders(created: list[Path]) -> None:
+    """After a failed start: remove the folders of ``new_folders`` that are still empty,
+    innermost first. ``rmdir`` refuses a folder that holds anything, so no file is ever
+    deleted, and a folder that existed before is not in the list."""
+    for path in reversed(created):
+        try:
+            path.rmdir()
+        except OSError:  # not empty, or never created
+            return
+
+
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted names of options that differ, ignoring those in ``RESUMABLE``."""
     diff = []
