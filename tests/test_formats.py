@@ -223,3 +223,23 @@ def test_train_on_an_alpaca_file_alone_reports_its_held_out_loss(tmp_path, smoll
     result = json.loads((out / "eval.json").read_text())["heldout"]
     assert result["n"] == 5 and result["tokens"] > 0 and 0 < result["loss"] < 100
     assert "eval heldout: response loss" in printed
+
+
+def test_compare_reports_the_response_loss_of_a_text_held_out_set(tmp_path, smollm2_dir, capsys):
+    """`dude compare` on an Alpaca file: the table's held-out column is the response loss
+    that each run's (and the base model's) eval.json holds."""
+    rows = [{"instruction": f"Add {a} and {a + 1}.", "input": "", "output": f"{2 * a + 1}"} for a in range(12)]
+    path = _write_jsonl(tmp_path / "alpaca.jsonl", rows)
+    model_dir = make_tiny_model_dir(tmp_path / "model", smollm2_dir)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--name-or-path", str(model_dir), "--task", "file", "--path", str(path),
+                 "--eval-fraction", "0.25", "--methods", "lora", "--adapter.r", "2", "--steps", "2", "--lr", "0.01",
+                 "--optim-batch-size", "2", "--tasks", "heldout", "--base-tasks", "heldout", "--smooth", "1",
+                 "--output-dir", str(out), "--no-progress"]) == 0
+    base = json.loads((out / "base" / "eval.json").read_text())["results"]["heldout"]["loss"]
+    after = json.loads((out / "lora-seed0" / "eval.json").read_text())["heldout"]["loss"]
+    assert f"{base:.3f}" != f"{after:.3f}"  # the column shows the run's loss, not the base's
+    table = (out / "compare.md").read_text()
+    assert f"held-out loss (base {base:.3f})" in table
+    assert table.splitlines()[2].split(" | ")[4] == f"{after:.3f}"
+    assert table in capsys.readouterr().out

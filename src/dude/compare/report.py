@@ -25,18 +25,21 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _accuracies(evaluation: dict[str, Any] | None) -> dict[str, float]:
+def _scores(evaluation: dict[str, Any] | None, key: str) -> dict[str, float]:
+    """Eval set -> its ``key`` in an ``eval.json`` (of ``dude train``, or under "results" of
+    ``dude eval``): "accuracy" for math and choice sets, "loss" (response loss) for text sets."""
     if not evaluation:
         return {}
     results = evaluation.get("results", evaluation)
-    return {k: v["accuracy"] for k, v in results.items() if isinstance(v, dict) and "accuracy" in v}
+    return {k: v[key] for k, v in results.items() if isinstance(v, dict) and key in v}
 
 
 def build(cfg: CompareConfig, root: Path, runs: list[dict[str, Any]], base_code: int | None,
           wall_time: float) -> dict[str, Any]:
     """Everything: per-run curves, summaries and accuracies; per-method aggregates."""
     window = cfg.compare.smooth
-    base = _accuracies(_read_json(root / "base" / "eval.json")) if base_code == 0 or base_code is None else {}
+    base_eval = _read_json(root / "base" / "eval.json") if base_code == 0 or base_code is None else None
+    base = {"accuracy": _scores(base_eval, "accuracy"), "response_loss": _scores(base_eval, "loss")}
     for run in runs:
         out = root / run["name"]
         lines = read_lines(out / "metrics.jsonl")
@@ -46,7 +49,8 @@ def build(cfg: CompareConfig, root: Path, runs: list[dict[str, Any]], base_code:
         run["loss"] = [r["loss"] for r in lines]
         run["smoothed"] = smoothed(run["loss"], window)
         run["summary"] = _read_json(out / "summary.json")
-        run["accuracy"] = _accuracies(_read_json(out / "eval.json"))
+        evaluation = _read_json(out / "eval.json")
+        run["accuracy"], run["response_loss"] = _scores(evaluation, "accuracy"), _scores(evaluation, "loss")
         run["final_loss"] = run["smoothed"][-1] if run["smoothed"] and run["summary"] else None
     finished = [r for r in runs if r["final_loss"] is not None]
     target = cfg.compare.loss_target
@@ -56,7 +60,7 @@ def build(cfg: CompareConfig, root: Path, runs: list[dict[str, Any]], base_code:
         run["steps_to_target"] = steps_to(target, run["steps"], run["smoothed"]) if run["final_loss"] else None
     methods = {m: _aggregate([r for r in runs if r["method"] == m], base, cfg) for m in cfg.compare.methods}
     return {"config": {k: v for k, v in _config(cfg).items()}, "loss_target": target, "smooth": window,
-            "base_accuracy": base, "methods": methods, "runs": runs, "wall_time_s": round(wall_time, 1)}
+            "base_accuracy": base["accuracy"], "base_response_loss": base["response_loss"], "methods": methods, "runs": runs, "wall_time_s": round(wall_time, 1)}
 
 
 def _config(cfg: CompareConfig) -> dict[str, Any]:
@@ -70,13 +74,19 @@ def _mean(values: list[float | None]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def _aggregate(runs: list[dict[str, Any]], base: dict[str, float], cfg: CompareConfig) -> dict[str, Any]:
+def _means(ok: list[dict[str, Any]], key: str, base: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per eval set, the mean of ``run[key]`` over the runs, and after - before where the
+    base model ran that set too."""
+    names = sorted({k for r in ok for k in r[key]})
+    means = {k: _mean([r[key].get(k) for r in ok]) for k in names}
+    return means, {k: means[k] - base[k] for k in means if k in base and means[k] is not None}
+
+
+def _aggregate(runs: list[dict[str, Any]], base: dict[str, dict[str, float]], cfg: CompareConfig) -> dict[str, Any]:
     ok = [r for r in runs if r["final_loss"] is not None]
-    acc_names = sorted({k for r in ok for k in r["accuracy"]})
-    accuracy = {k: _mean([r["accuracy"].get(k) for r in ok]) for k in acc_names}
-    # after - before, per eval set the base model ran too; "retention" is MMLU's
-    deltas = {k: accuracy[k] - base[k] for k in accuracy if k in base and accuracy[k] is not None}
-    retention = deltas.get("mmlu")
+    accuracy, deltas = _means(ok, "accuracy", base["accuracy"])
+    response_loss, loss_deltas = _means(ok, "response_loss", base["response_loss"])
+    retention = deltas.get("mmlu")  # "retention" is MMLU's accuracy change
     summaries = [r["summary"] for r in ok]
     return {
         "lr": cfg.compare.lrs.get(runs[0]["method"], cfg.optim.lr) if runs else None,
@@ -85,8 +95,9 @@ def _aggregate(runs: list[dict[str, Any]], base: dict[str, float], cfg: CompareC
         "final_loss_std": statistics.stdev([r["final_loss"] for r in ok]) if len(ok) > 1 else None,
         "steps_to_target": _mean([r["steps_to_target"] for r in ok]),
         "accuracy": accuracy,
-        "mmlu_before": base.get("mmlu"), "mmlu_after": accuracy.get("mmlu"), "retention": retention,
+        "mmlu_before": base["accuracy"].get("mmlu"), "mmlu_after": accuracy.get("mmlu"), "retention": retention,
         "accuracy_change": deltas,
+        "response_loss": response_loss, "response_loss_change": loss_deltas,
         "train_wall_time_s": _mean([s["wall_time_s"] for s in summaries]),
         "peak_memory_mb": _mean([s["peak_memory_mb"] for s in summaries]),
         "trainable_parameters": summaries[0]["trainable_parameters"] if summaries else None,
@@ -97,11 +108,19 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _held_out_score(result: dict[str, Any]) -> tuple[str, str]:
+    """(column title, key) of the held-out score the table shows: the accuracy of a math or
+    choice set, else the response loss of a text set."""
+    losses = [result["base_response_loss"], *(m["response_loss"] for m in result["methods"].values())]
+    return ("held-out loss", "response_loss") if any("heldout" in r for r in losses) else ("held-out acc", "accuracy")
+
+
 def table(result: dict[str, Any]) -> str:
     """A Markdown table, one row per method."""
     target = result["loss_target"]
-    base_held = result["base_accuracy"].get("heldout")
-    held_name = "held-out acc" + (f" (base {base_held:.3f})" if base_held is not None else "")
+    held_title, held_key = _held_out_score(result)
+    base_held = result[f"base_{held_key}"].get("heldout")
+    held_name = held_title + (f" (base {base_held:.3f})" if base_held is not None else "")
     header = ["method", "lr", "final loss", f"steps to {_fmt(target, '.3f')}", held_name,
               "MMLU before -> after (retention)", "train time s", "peak MB"]
     rows = [header, ["---"] * len(header)]
@@ -109,7 +128,7 @@ def table(result: dict[str, Any]) -> str:
         if m["final_loss"] is None:
             rows.append([method, _fmt(m["lr"], "g"), "failed"] + ["-"] * (len(header) - 3))
             continue
-        held = m["accuracy"].get("heldout")
+        held = m[held_key].get("heldout")
         retention = (f"{_fmt(m['mmlu_before'], '.3f')} -> {_fmt(m['mmlu_after'], '.3f')} "
                      f"({_fmt(m['retention'], '+.3f')})") if m["mmlu_after"] is not None else "-"
         std = f" ± {m['final_loss_std']:.3f}" if m["final_loss_std"] is not None else ""
