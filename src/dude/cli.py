@@ -80,6 +80,16 @@ def _runner(command: str) -> Callable[[Any], Any]:
     return commands.run_eval if command == "eval" else commands.run_export
 
 
+def _defaults_for(command: str) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+    """Defaults that depend on the given options: ``dude eval`` of a run folder reads the
+    run's data options, so that eval set 'heldout' is the rows that run held out."""
+    if command == "eval":
+        from .train.commands import run_defaults
+
+        return run_defaults
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dude", description="Fine-tune language models with DuDe, DoRA, PiSSA or LoRA adapters.",
@@ -100,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        config = options.resolve(_config_class(args.command), args.config, args)
+        config = options.resolve(_config_class(args.command), args.config, args, _defaults_for(args.command))
     except (ValueError, FileNotFoundError) as err:
         print(f"dude {args.command}: error: {err}", file=sys.stderr)
         return 2

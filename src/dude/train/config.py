@@ -168,7 +168,9 @@ class EvalTarget:
 @dataclass
 class EvalCommandConfig:
     """``dude eval``: a base model, an adapter, or a merged model on eval sets.
-    ``data`` says which task 'heldout' refers to."""
+    ``data`` says which task 'heldout' refers to. For a run folder of ``dude train`` the
+    CLI takes it from the run's ``config.yaml``, and data options that contradict the
+    run's split are refused (``commands.check_run_split``)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     target: EvalTarget = field(default_factory=EvalTarget)

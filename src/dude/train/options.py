@@ -16,7 +16,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 import yaml
 
@@ -257,7 +257,9 @@ def overrides_from(namespace: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def resolve(cls: type, config_path: str | None, namespace: argparse.Namespace) -> Any:
-    """YAML (if any) overridden by flags, built and validated."""
-    data = load_yaml(config_path) if config_path else {}
-    return build(cls, merge(data, overrides_from(namespace)))
+def resolve(cls: type, config_path: str | None, namespace: argparse.Namespace,
+            defaults_for: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Any:
+    """YAML (if any) overridden by flags, built and validated. ``defaults_for(given)``: options
+    that depend on the given ones, under them (``dude eval`` of a run folder: the run's data)."""
+    given = merge(load_yaml(config_path) if config_path else {}, overrides_from(namespace))
+    return build(cls, merge(defaults_for(given), given) if defaults_for else given)

@@ -5,7 +5,8 @@ Eval set names (``eval.tasks``):
 - ``heldout``: the training task's held-out split: for ``gsm_symbolic`` variants of
   templates never trained on; for ``bigbench_*`` the seeded test split; for ``file``
   the file ``data.eval_path``, or without one the seeded ``data.eval_fraction`` of the
-  training file that training leaves out.
+  training file that training leaves out (``dude eval`` of a run folder reads these
+  options from the run's ``config.yaml``).
 - ``gsm_original``: the real GSM8K problems of the held-out templates.
 - ``mmlu``: the 282 MMLU dev questions (knowledge retention).
 - any task name of ``dude.data.TASKS``: its test split.
