@@ -1,12 +1,15 @@
 """Multi-process training with 2 CPU processes over gloo: DDP and FSDP2 (under torchrun,
 and under ``accelerate launch`` with accelerate's own FSDP config file) compute the same
 steps as one process accumulating the same 2 micro-batches; a sharded run killed with
-SIGKILL resumes from its DCP checkpoint to the same bits; FSDP evaluates after training."""
+SIGKILL resumes from its DCP checkpoint to the same bits, and on another number of
+processes when the global batch is kept; FSDP evaluates after training; startup output
+is printed once per run."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,12 +21,14 @@ import torch
 from safetensors.torch import load_file
 from test_train import make_math_file, make_tiny_model_dir, tiny_train_args
 
+from dude.cli import main
 from dude.train import distributed
 from dude.train.checkpoint import list_checkpoints
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 PYTHON = [sys.executable, "-m"]
 TORCHRUN = [*PYTHON, "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dude.cli"]
+TORCHRUN_ONE = [*PYTHON, "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "dude.cli"]
 ACCELERATE = [*PYTHON, "accelerate.commands.launch", "--config_file", str(CONFIGS / "accelerate" / "fsdp.yaml"),
               "--main_process_port", "0", "-m", "dude.cli"]
 
@@ -52,22 +57,33 @@ def _finish(proc: subprocess.Popen) -> str:
     return out
 
 
-def _run(prefix: list[str], args: list[str]) -> str:
-    return _finish(_start(prefix, args))
+def _run(prefix: list[str], args: list[str], log: Path | None = None) -> str:
+    out = _finish(_start(prefix, args))
+    if log is not None:
+        log.write_text(out)
+    return out
+
+
+def _common(tiny: Path) -> list[str]:
+    return ["--dropout", "0.0", "--lr", "2e-2", "--save-every", "2", "--eval.tasks", f"file:{tiny / 'math.jsonl'}",
+            "--eval.limit", "4", "--max-new-tokens", "8"]
 
 
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory) -> Path:
     """The same 4 steps (no dropout) four ways, each evaluated after training: one process
     accumulating 2 micro-batches; 2 processes with DDP, with FSDP, and with FSDP under
-    ``accelerate launch``. The eval file's greedy answers tell a trained model from the base."""
+    ``accelerate launch`` (their output in ``<name>.log``). The eval file's greedy answers
+    tell a trained model from the base."""
     root = tmp_path_factory.mktemp("runs")
-    common = ["--dropout", "0.0", "--lr", "2e-2", "--save-every", "2", "--eval.tasks", f"file:{tiny / 'math.jsonl'}",
-              "--eval.limit", "4", "--max-new-tokens", "8"]
-    _run([*PYTHON, "dude.cli"], tiny_train_args(tiny, root / "single", 4, *common, "--grad-accum", "2"))
-    _run(TORCHRUN, tiny_train_args(tiny, root / "ddp", 4, *common, "--grad-accum", "1"))
-    _run(TORCHRUN, tiny_train_args(tiny, root / "fsdp", 4, *common, "--grad-accum", "1", "--strategy", "fsdp"))
-    _run(ACCELERATE, tiny_train_args(tiny, root / "accelerate", 4, *common, "--grad-accum", "1"))
+    common = _common(tiny)
+    _run([*PYTHON, "dude.cli"], tiny_train_args(tiny, root / "single", 4, *common, "--grad-accum", "2"),
+         root / "single.log")
+    _run(TORCHRUN, tiny_train_args(tiny, root / "ddp", 4, *common, "--grad-accum", "1"), root / "ddp.log")
+    _run(TORCHRUN, tiny_train_args(tiny, root / "fsdp", 4, *common, "--grad-accum", "1", "--strategy", "fsdp"),
+         root / "fsdp.log")
+    _run(ACCELERATE, tiny_train_args(tiny, root / "accelerate", 4, *common, "--grad-accum", "1"),
+         root / "accelerate.log")
     _run([*PYTHON, "dude.cli"], ["eval", "--name-or-path", str(tiny / "model"), "--tasks", f"file:{tiny / 'math.jsonl'}",
                                  "--eval-limit", "4", "--max-new-tokens", "8", "--output-dir", str(root / "base")])
     return root
@@ -124,6 +140,90 @@ def test_accelerate_launch_with_its_fsdp_config_runs_the_same(runs):
     assert _max_difference(_adapter(runs / "accelerate"), _adapter(runs / "fsdp")) == 0.0
     assert "strategy: fsdp" in (runs / "accelerate" / "config.yaml").read_text()
     assert _answers(runs / "accelerate") == _answers(runs / "fsdp")
+
+
+def test_startup_output_is_printed_once_per_run(runs):
+    """Under torchrun and accelerate, what one process prints once (the resolved config, the
+    data summary, the progress of loading the weights) the 2-process run prints as often."""
+    single = (runs / "single.log").read_text()
+    for name in ("ddp", "fsdp", "accelerate"):
+        log = (runs / f"{name}.log").read_text()
+        for line in ("dude train: resolved config", "training examples of 'file'"):
+            assert log.count(line) == single.count(line) == 1, log
+    ddp = (runs / "ddp.log").read_text()  # (FSDP's rank 0 loads the base again to evaluate)
+    assert ddp.count("Loading weights") == single.count("Loading weights") > 0, ddp
+    assert "broadcast_buffers" not in ddp  # torch's deprecation warning, once per rank
+    assert (runs / "accelerate.log").read_text().count("accelerate's FSDP config: run.strategy fsdp") == 1
+
+
+def _as_killed(run: Path, dest: Path) -> Path:
+    """A copy of a finished ``run`` as a run killed after its last checkpoint leaves it."""
+    dest.mkdir()
+    for name in ("config.yaml", "metrics.jsonl"):
+        shutil.copy(run / name, dest / name)
+    shutil.copytree(run / "checkpoints", dest / "checkpoints")
+    return dest
+
+
+def _resume_fsdp_args(tiny: Path, out: Path, *extra: str) -> list[str]:
+    return tiny_train_args(tiny, out, 4, *_common(tiny), "--strategy", "fsdp", "--resume", *extra)
+
+
+@pytest.fixture(scope="module")
+def fsdp_on_one(runs, tiny, tmp_path_factory) -> tuple[Path, str]:
+    """The 2-process FSDP run's step-2 shards resumed by one process (``torchrun
+    --nproc-per-node 1``, grad_accum 2: the same global batch of 4), which writes a step-3
+    checkpoint of its own (save_every 1); (its folder, its output)."""
+    down = _as_killed(runs / "fsdp", tmp_path_factory.mktemp("fsdp_on_one") / "run")
+    return down, _run(TORCHRUN_ONE, _resume_fsdp_args(tiny, down, "--grad-accum", "2", "--save-every", "1"))
+
+
+def test_fsdp_resumes_from_two_processes_on_one(runs, fsdp_on_one):
+    """2 -> 1: DCP reshards the checkpoint; the run ends on the uninterrupted run's adapter,
+    losses and answers. Only the order of the gradient sum could differ (tolerance 1e-6;
+    measured here: max difference 0.0)."""
+    down, out = fsdp_on_one
+    assert "2 process(es) wrote this checkpoint, 1 continue it" in out and "(step 2 of 4)" in out
+    assert _max_difference(_adapter(down), _adapter(runs / "fsdp")) <= 1e-6
+    assert _losses(down) == pytest.approx(_losses(runs / "fsdp"), rel=1e-6)
+    assert _answers(down) == _answers(runs / "fsdp")
+
+
+def test_fsdp_resumes_from_one_process_on_two(runs, fsdp_on_one, tiny, tmp_path):
+    """1 -> 2: the one process's step-3 shards resumed by 2 processes with grad_accum 1 end
+    on the uninterrupted 2-process run's adapter (tolerance 1e-6; measured here: 0.0). With
+    grad_accum 2 the global batch would double: refused, and the error of the ranks reaches
+    the launcher's output."""
+    up = _as_killed(fsdp_on_one[0], tmp_path / "up")
+    assert (up / "checkpoints" / "step-000003" / "__0_0.distcp").exists()
+    assert not (up / "checkpoints" / "step-000003" / "__1_0.distcp").exists()  # written by one process
+    refused = _start(TORCHRUN, _resume_fsdp_args(tiny, up, "--grad-accum", "2"))
+    text, _ = refused.communicate(timeout=300)
+    assert refused.returncode != 0 and "global batch of 4" in text and "resume with --grad-accum 1" in text, text
+    out = _run(TORCHRUN, _resume_fsdp_args(tiny, up, "--grad-accum", "1"))
+    assert "1 process(es) wrote this checkpoint, 2 continue it" in out and "(step 3 of 4)" in out
+    assert _max_difference(_adapter(up), _adapter(runs / "fsdp")) <= 1e-6
+    assert _losses(up) == pytest.approx(_losses(runs / "fsdp"), rel=1e-6)
+
+
+def test_ddp_checkpoint_resumes_in_one_process_keeping_the_global_batch(runs, tiny, tmp_path, capsys):
+    """A 2-process DDP checkpoint (one file) resumed by one plain process: with grad_accum 1
+    the global batch would halve, refused (exit 2) naming --grad-accum 2; with it, the
+    uninterrupted run's adapter up to the order of the gradient sum (tolerance 1e-6). An
+    FSDP folder in a plain process is refused, naming torchrun."""
+    def args(out: Path, *extra: str) -> list[str]:
+        return tiny_train_args(tiny, out, 4, *_common(tiny), "--resume", *extra)
+
+    ddp = _as_killed(runs / "ddp", tmp_path / "ddp")
+    assert main(args(ddp, "--grad-accum", "1")) == 2
+    assert "resume with --grad-accum 2 to keep it" in capsys.readouterr().err
+    assert main(args(ddp, "--grad-accum", "2")) == 0
+    assert "2 process(es) wrote this checkpoint, 1 continue it" in capsys.readouterr().out
+    assert _max_difference(_adapter(ddp), _adapter(runs / "ddp")) <= 1e-6  # measured here: 0.0
+    fsdp = _as_killed(runs / "fsdp", tmp_path / "fsdp")
+    assert main(args(fsdp, "--grad-accum", "2", "--strategy", "fsdp")) == 2
+    err = capsys.readouterr().err
+    assert "written with FSDP" in err and "torchrun --nproc-per-node 1" in err
 
 
 def test_fsdp_resume_after_sigkill_is_bit_identical(tiny, tmp_path):

@@ -131,6 +131,26 @@ def test_a_failed_start_leaves_no_trace(problem, message, existing, tmp_path, sm
         assert not (tmp_path / "runs").exists()
 
 
+def test_resume_refuses_another_global_batch(tmp_path):
+    """optim.grad_accum may change on --resume only with the number of processes, keeping
+    the global batch of the checkpoint (batch_size x grad_accum x processes): in one
+    process a change is refused, naming the value that keeps it. A checkpoint from before
+    the global batch was recorded is checked against the run's config.yaml."""
+    out = tmp_path / "run"
+    train(_cfg(out, save_every=2), tiny_llama(), _Tok(), _examples())
+    changed = _cfg(out, save_every=2, resume=True)
+    changed.optim.grad_accum = 1
+    refusal = r"global batch of 4 examples .* optim.grad_accum 1 give 2: resume with --grad-accum 2"
+    with pytest.raises(ValueError, match=refusal):
+        train(changed, tiny_llama(), _Tok(), _examples())
+    path = list_checkpoints(out)[-1][1]
+    legacy = torch.load(path, weights_only=True)
+    assert legacy.pop("global_batch") == 4
+    torch.save(legacy, path)
+    with pytest.raises(ValueError, match=refusal):
+        train(changed, tiny_llama(), _Tok(), _examples())
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     model = tiny_llama()
     calls = {"n": 0}

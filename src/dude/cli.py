@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .train import options
+from .train import distributed, options
 
 COMMANDS = {
     "train": "fine-tune one adapter (LoRA, DoRA, PiSSA or DuDe) and write it with metrics, plot, config",
@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(text, end="")
         return 0
-    if os.environ.get("DUDE_CONFIG_LOGGED"):  # a child of dude compare: its config file is the log
+    if distributed.launched_rank() != 0:  # under torchrun / accelerate: logged once; errors print on every rank
+        pass
+    elif os.environ.get("DUDE_CONFIG_LOGGED"):  # a child of dude compare: its config file is the log
         print(f"dude {args.command} --config {args.config}", file=sys.stderr)
     else:
         print(f"dude {args.command}: resolved config\n" + "\n".join("  " + line for line in text.splitlines()),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -48,7 +49,7 @@ def setup(device: str = "auto", strategy: str = "ddp") -> Dist:
     or with one under ``fsdp`` (a one-GPU sharded run exercises the multi-GPU code); pick
     the device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launched_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,6 +63,24 @@ def setup(device: str = "auto", strategy: str = "ddp") -> Dist:
         dist.init_process_group("nccl" if device == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=60))  # rank 0 evaluates alone
     return Dist(rank, world_size, local_rank, dev, enabled)
+
+
+def launched_rank() -> int:
+    """This process's rank as torchrun / accelerate set it (0 without a launcher). Known
+    before the process group is joined: what is printed once per run, rank 0 prints."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def quiet_replica(d: Dist) -> None:
+    """On ranks other than 0, no progress bars of transformers / datasets (loading weights,
+    reading files): one per rank otherwise. Warnings and errors still print on every rank."""
+    if d.is_main:
+        return
+    import datasets
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def launcher_strategy(strategy: str) -> str:
@@ -118,8 +137,12 @@ def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
 
         ids = [d.device.index] if d.device.type == "cuda" else None
         # Buffers (a 4-bit base's codes, B0/A0) are built alike on every rank from the same
-        # weights and seed: no broadcast of them before every forward.
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        # weights and seed: no broadcast of them before every forward. torch 2.13 deprecates
+        # the flag, but its replacement still syncs them at init (its own warning says to keep
+        # it until init_sync_buffers exists); silenced, as every rank printed it.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+            return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

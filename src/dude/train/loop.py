@@ -1,5 +1,6 @@
 """The training loop of ``dude train``: AdamW, warmup + cosine, accumulation, clipping,
-checkpoints that resume bit-exactly, and a stop on a non-finite loss.
+checkpoints that resume bit-exactly (and on another number of processes, ``resume.py``),
+and a stop on a non-finite loss.
 
 One process or many (torchrun or accelerate: DDP, or FSDP2, see ``distributed.py``). Rank 0
 writes the files (every rank its shards of an FSDP checkpoint). The data order is a pure
@@ -10,14 +11,12 @@ from __future__ import annotations
 
 import gc
 import math
-import random
 import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +29,7 @@ from .batches import DataOrder
 from .config import TrainConfig
 from .options import to_dict
 from .progress import Progress
+from .resume import global_batch, resume
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,12 +56,6 @@ class _State:
     step: int = 0
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = None,
           examples: list[dict[str, list[int]]] | None = None,
           collate: Callable[[list[dict]], dict[str, torch.Tensor]] | None = None) -> TrainResult:
@@ -77,10 +71,12 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     check_files(cfg.eval.tasks, cfg.data)
     strategy = distributed.launcher_strategy(cfg.run.strategy)
     if strategy != cfg.run.strategy:
-        print(f"accelerate's FSDP config: run.strategy {strategy} (was {cfg.run.strategy})")
+        if distributed.launched_rank() == 0:
+            print(f"accelerate's FSDP config: run.strategy {strategy} (was {cfg.run.strategy})")
         cfg = replace(cfg, run=replace(cfg.run, strategy=strategy))
     new = rundir.new_folders(Path(cfg.run.output_dir))
     d = distributed.setup(cfg.run.device, cfg.run.strategy)
+    distributed.quiet_replica(d)
     try:
         return _train(cfg, d, start, model, tokenizer, examples, collate)
     except BaseException:
@@ -103,7 +99,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, start: float, model: nn.Module
     resolved = to_dict(cfg)
     rundir.prepare(out, resolved, cfg.run.resume, cfg.run.overwrite, clear=d.is_main)
     distributed.barrier(d)
-    seed_everything(cfg.run.seed + d.rank)
+    checkpoint.seed_everything(cfg.run.seed + d.rank)
     if model is None:
         model, tokenizer = load_model(cfg.model.name_or_path, dtype=getattr(torch, cfg.model.dtype))
     if examples is None:
@@ -113,7 +109,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, start: float, model: nn.Module
     collate = collate or partial(collate_sft, pad_token_id=tokenizer.pad_token_id)
     state = _setup(cfg, model, d)
     del model  # state.model from here on (under FSDP, sharded)
-    resumed = _maybe_resume(cfg, state, d) if cfg.run.resume else None
+    resumed = resume(cfg, d, state.model, state.optimizer, state.scheduler) if cfg.run.resume else None
+    state.step = resumed or 0
     if d.is_main:
         rundir.write_config(out, resolved)
     metrics = rundir.MetricsLog(out / "metrics.jsonl", resumed) if d.is_main else None
@@ -176,42 +173,14 @@ def _setup(cfg: TrainConfig, model: nn.Module, d: distributed.Dist) -> _State:
     return _State(model, wrapped, params, optimizer, scheduler)
 
 
-def _maybe_resume(cfg: TrainConfig, state: _State, d: distributed.Dist) -> int | None:
-    found = checkpoint.list_checkpoints(Path(cfg.run.output_dir))
-    if not found:
-        if d.is_main:
-            print(f"--resume: no checkpoint in {cfg.run.output_dir}/checkpoints; starting from step 0")
-        return 0
-    step, path = found[-1]
-    sharded = distributed.is_sharded(d, cfg.run.strategy)
-    if path.is_dir() != sharded:
-        raise ValueError(f"--resume: {str(path)!r} was written {'with' if path.is_dir() else 'without'} FSDP; "
-                         f"resume with the same run.strategy and number of processes")
-    if sharded:
-        saved = sharded_checkpoint.load(path, state.model, state.optimizer)
-    else:
-        saved = checkpoint.load(path)
-        patch.load_adapter_state_dict(state.model, saved["adapter"])
-        state.optimizer.load_state_dict(saved["optimizer"])
-    state.scheduler.load_state_dict(saved["scheduler"])
-    rngs = saved["rng"]
-    if len(rngs) == d.world_size:
-        checkpoint.set_rng_state(rngs[d.rank])
-    else:  # a different world size cannot continue the same random streams
-        seed_everything(cfg.run.seed + d.rank + 1_000_003 * step)
-    state.step = step
-    if d.is_main:
-        print(f"--resume: continuing from {path} (step {step} of {cfg.optim.steps})")
-    return step
-
-
 def _save_checkpoint(cfg: TrainConfig, state: _State, d: distributed.Dist, out: Path) -> None:
     rng = checkpoint.rng_state()
     rngs = [rng]
     if d.enabled:
         rngs = [None] * d.world_size
         torch.distributed.all_gather_object(rngs, rng)
-    trainer_state = {"step": state.step, "scheduler": state.scheduler.state_dict(), "rng": rngs}
+    trainer_state = {"step": state.step, "scheduler": state.scheduler.state_dict(), "rng": rngs,
+                     "global_batch": global_batch(cfg, d.world_size)}
     if distributed.is_sharded(d, cfg.run.strategy):  # every rank writes its shards
         sharded_checkpoint.save(out, state.step, state.model, state.optimizer, trainer_state,
                                 cfg.run.keep_checkpoints, d.is_main)

@@ -25,7 +25,10 @@ import yaml
 RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "eval.json",
              "adapter_config.json", "adapter_model.safetensors")
 # Options that may change between a run and its --resume without changing the result.
-RESUMABLE = {"run": {"output_dir", "resume", "overwrite", "progress", "log_every", "save_every", "keep_checkpoints"}}
+# optim.grad_accum changes with the number of processes; resume.py checks that the global
+# batch (batch_size x grad_accum x processes) stays the checkpoint's.
+RESUMABLE = {"run": {"output_dir", "resume", "overwrite", "progress", "log_every", "save_every", "keep_checkpoints"},
+             "optim": {"grad_accum"}}
 
 
 def holds_run(out: Path) -> bool:

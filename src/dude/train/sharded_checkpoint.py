@@ -14,7 +14,8 @@ coordinator writes ``.metadata`` once all ranks' files are written and fsynced),
 adds the trainer state, fsyncs and renames the folder into place. Old checkpoints are
 renamed away before they are deleted. So a killed run leaves the old set or the new one.
 The ranks must share the output directory's filesystem (one machine, or a shared mount).
-Resuming needs the same number of ranks to continue the same RNG streams, as with DDP.
+DCP reshards on load, so another number of ranks can resume it (``resume.py`` says when
+that is the same run); the same number continues the same RNG streams, to the bit.
 """
 
 from __future__ import annotations
