@@ -212,7 +212,7 @@ def table(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--settings", nargs="*", default=["4/8", "12/8"], help="other niter/oversample to time")
+    parser.add_argument("--settings", nargs="*", default=["4/8", "10/8"], help="other niter/oversample to time")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress shows in a log file as it comes

@@ -41,6 +41,28 @@ def test_randomized_svd_is_seeded_and_accurate():
     assert torch.linalg.norm(part(*rough) - part(*exact)) > 10 * torch.linalg.norm(part(*first) - part(*exact))
 
 
+def test_randomized_svd_is_exact_once_the_basis_fills_the_space():
+    """niter * (r + oversample) past min(out, in): the Lanczos basis spans everything and the
+    Rayleigh-Ritz step returns the exact SVD's principal part."""
+    w = _matrix(out=60, inp=40, decay=0.99)
+    fast = decompose.top_singular(w, 6, randomized=True, niter=5, oversample=4, seed=1)  # 10 x 6 blocks > 40
+    exact = decompose.top_singular(w, 6)
+    torch.testing.assert_close(fast[0] * fast[1] @ fast[2], exact[0] * exact[1] @ exact[2], atol=1e-5, rtol=0)
+
+
+def test_randomized_svd_of_a_matrix_of_lower_rank_than_r():
+    """rank(W) = 3 < r = 6: later Lanczos blocks are spent (nothing new to add), yet the
+    basis stays orthonormal, the factors finite, and the principal part is W itself."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(150, 3, generator=g) @ torch.randn(3, 120, generator=g)
+    u, s, vh = decompose.top_singular(w, 6, randomized=True, niter=4, oversample=4, seed=0)
+    assert torch.isfinite(u).all() and torch.isfinite(s).all() and torch.isfinite(vh).all()
+    torch.testing.assert_close(s[:3], torch.linalg.svdvals(w)[:3], rtol=1e-5, atol=0)
+    assert s[3:].max() < 1e-4 * s[0]
+    torch.testing.assert_close(u * s @ vh, w, atol=1e-4 * s[0].item(), rtol=0)
+    torch.testing.assert_close(vh @ vh.T, torch.eye(6), atol=1e-5, rtol=0)
+
+
 def test_randomized_svd_of_half_wide_and_tall_weights():
     """A bf16 weight gives the factors of its float32 copy, to the bit; a wide weight those
     of its transpose (the basis lives on the smaller side), as orthonormal factors."""

@@ -31,20 +31,31 @@ def top_singular(
     """Top-r singular triplets ``(U_r (out, r), S_r (r,), Vh_r (r, in))``, float32, of a
     float32 or half-precision matrix (the math is float32 either way).
 
-    ``randomized`` builds a block Krylov subspace (Musco & Musco, NeurIPS 2015), the
-    stronger sibling of the power-iterated range finder of Halko, Martinsson & Tropp
-    (2011, alg. 4.4), on the smaller side of ``W`` (say ``in <= out``): a seeded Gaussian
-    sketch ``O`` of ``k = r + oversample`` columns, ``niter`` power steps re-orthonormalised
-    by QR, and every step's block kept, so the basis ``Q`` spans
-    ``[W^T O, (W^T W) W^T O, ...]`` (``k (niter + 1)`` columns). Then Rayleigh-Ritz through
-    the small Gram matrix ``G = (W Q)^T (W Q) = E diag(S^2) E^T`` (eigh in float64):
-    ``V_r = Q E_r``, ``U_r = W V_r / S_r``. Pretrained weights have flat spectra (SmolLM2's
-    up_proj: s_1 = 15.4, s_16 = 12.56, s_17 = 12.53), where plain power iteration needs
-    ~30 steps to place the top-16 subspace within 1%; the Krylov basis gets there in ~10.
+    ``randomized`` runs a block Lanczos iteration on ``W^T W`` (say ``in <= out``; else on
+    ``W W^T``) from a seeded Gaussian start, with full reorthogonalisation: the block
+    Krylov method of Musco & Musco (NeurIPS 2015), the stronger sibling of Halko,
+    Martinsson & Tropp's power-iterated range finder (2011, alg. 4.4). With blocks of
+    ``k = r + oversample`` columns::
 
-    A half-precision ``W`` is copied to float32 once (each product reading it in blocks
-    was 2x slower); beside that copy lives the basis, ``min(out, in) x k (niter + 1)``,
-    and ``W Q``. The same seed gives the same factors on the same machine.
+        K_0 = orth(W^T O)                                   (in, k), O (out, k) seeded
+        Y_j = W^T W K_j                                     (in, k), one pass over W
+        G[:, j] = [K_0 .. K_j]^T Y_j                        Rayleigh-Ritz blocks of W^T W
+        K_j+1 = orth(Y_j - [K_0 .. K_j] G[:, j])            j < niter, twice-orthogonalised
+                                                            (spent directions: fresh random)
+
+    ``G`` (symmetric, ``K x K`` with ``K = k (niter + 1)``) is ``Q^T W^T W Q`` on the
+    orthonormal basis ``Q = [K_0 .. K_niter]``, read off the recurrence: no product of ``W``
+    with the whole basis. ``G = E diag(S^2) E^T`` (eigh in float64), ``V_r = Q E_r``,
+    ``U_r = W V_r / S_r``. Every block is orthogonalised against all earlier ones, so late
+    blocks carry new directions instead of re-converging ones: on the flat spectra of
+    pretrained weights (SmolLM2's up_proj: s_1 = 15.4, s_16 = 12.56, s_17 = 12.53), where
+    plain power iteration needs ~30 steps to place the top-16 subspace within 1%, 10 steps
+    get there; at Llama-2-7B shapes and r=128 (benchmarks/init_7b.py) 12 steps do.
+
+    ``W`` is read in blocks of ``ROW_BLOCK`` rows of the long side, each converted to
+    float32 once per step (``Y_j`` sums ``B^T (B K_j)`` over row blocks ``B``): no float32
+    copy of a half-precision ``W``. Beside ``W`` live the basis ``min(out, in) x K``, ``G``
+    and one float32 row block. The same seed gives the same factors on the same machine.
     """
     if not weight.dtype.is_floating_point:
         raise TypeError(f"top_singular expects a floating-point matrix, got {weight.dtype}")
@@ -54,24 +65,70 @@ def top_singular(
     if weight.shape[0] < weight.shape[1]:  # the basis on the smaller side: W^T = V S U^T
         v, s, uh = top_singular(weight.T, r, randomized=True, niter=niter, oversample=oversample, seed=seed)
         return uh.T, s, v.T
-    w32 = weight.to(torch.float32)  # (out, in): the one float32 copy of a half-precision W
-    k = min(r + oversample, weight.shape[1])
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    sketch = torch.randn(weight.shape[0], k, generator=generator).to(weight.device)  # (out, k)
-    krylov = torch.empty(weight.shape[1], k * (niter + 1), device=weight.device)  # (in, k (niter + 1))
-    krylov[:, :k], _ = torch.linalg.qr(w32.T @ sketch)
-    for step in range(niter):
-        co_block, _ = torch.linalg.qr(w32 @ krylov[:, step * k:(step + 1) * k])  # (out, k)
-        krylov[:, (step + 1) * k:(step + 2) * k], _ = torch.linalg.qr(w32.T @ co_block)  # (in, k)
-    basis, _ = torch.linalg.qr(krylov[:, : weight.shape[1]])  # (in, K)
-    del krylov
-    projected = w32 @ basis  # (out, K)
-    values, vectors = torch.linalg.eigh((projected.T @ projected).to(torch.float64))  # (K,), (K, K) ascending
-    del projected
+    basis, gram = _lanczos_basis(weight, min(r + oversample, weight.shape[1]), niter, seed)
+    values, vectors = torch.linalg.eigh(gram.to(torch.float64))  # (K,), (K, K) ascending
     top = vectors[:, -r:].flip(1).to(torch.float32)  # (K, r)
     s = values[-r:].flip(0).clamp_min(0.0).sqrt().to(torch.float32)  # (r,)
     v = basis @ top  # (in, r)
-    return (w32 @ v) / s, s, v.T
+    u = torch.cat([rows.to(torch.float32) @ v for rows in weight.split(ROW_BLOCK)])  # (out, r) = W V_r
+    # rank(W) < r: a zero singular value has no U direction, and it adds nothing to U_r S_r V_r^T
+    return torch.where(s > 0, u / s, 0.0), s, v.T
+
+
+def _gram_times(weight: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """``W^T W X`` (in, k) for ``X`` (in, k) float32: one pass over ``W`` in float32 row blocks."""
+    out = torch.zeros_like(block)
+    for rows in weight.split(ROW_BLOCK):
+        rows32 = rows.to(torch.float32)  # (<= ROW_BLOCK, in), the only float32 copy of W's values
+        out.addmm_(rows32.T, rows32 @ block)
+    return out
+
+
+def _next_block(product: torch.Tensor, basis: torch.Tensor, coef: torch.Tensor, floor: float,
+                generator: torch.Generator) -> torch.Tensor:
+    """An orthonormal block (in, k) orthogonal to ``basis``: ``product - basis coef``
+    (``coef = basis^T product``) QR'd, then orthogonalised once more ("twice is enough").
+
+    A direction whose remainder is at most ``floor`` holds nothing new (rank(W) is reached,
+    or it is below float32 resolution): it is replaced by a seeded random one, which the
+    second pass makes orthogonal; a block QR alone would return an arbitrary vector there,
+    possibly inside span(``basis``), and the basis would stop being orthonormal.
+    """
+    block, upper = torch.linalg.qr(product - basis @ coef)
+    spent = upper.diagonal().abs() <= floor  # (k,)
+    if bool(spent.any()):
+        fresh = torch.randn(block.shape[0], int(spent.sum()), generator=generator)
+        block[:, spent] = fresh.to(block.device)
+    block, _ = torch.linalg.qr(block - basis @ (basis.T @ block))
+    return block
+
+
+def _lanczos_basis(weight: torch.Tensor, k: int, niter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q (in, K), G = Q^T W^T W Q (K, K))`` for ``W`` (out, in) with ``in <= out``:
+    ``niter + 1`` blocks of ``k`` columns (fewer once ``K`` reaches ``in``)."""
+    n = weight.shape[1]
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    sketch = torch.randn(weight.shape[0], k, generator=generator).to(weight.device)  # (out, k)
+    start = torch.zeros(n, k, device=weight.device)
+    for rows, sketch_rows in zip(weight.split(ROW_BLOCK), sketch.split(ROW_BLOCK)):
+        start.addmm_(rows.to(torch.float32).T, sketch_rows)  # W^T O
+    width = min(k * (niter + 1), n)
+    basis = torch.empty(n, width, device=weight.device)  # (in, K)
+    gram = torch.zeros(width, width, device=weight.device)  # (K, K), upper blocks filled
+    basis[:, :k] = _next_block(start, basis[:, :0], gram[:0, :k], 0.0, generator)
+    lo, floor = 0, 0.0
+    while lo < width:
+        hi = min(lo + k, width)
+        product = _gram_times(weight, basis[:, lo:hi])  # (in, hi - lo) = W^T W K_j
+        gram[:hi, lo:hi] = basis[:, :hi].T @ product
+        if lo == 0:  # ~ s_1^2 times float32's resolution: the size of rounding in a product
+            floor = 1e-5 * float(product.norm(dim=0).max())
+        if hi < width:
+            nxt = min(hi + k, width)
+            block = _next_block(product, basis[:, :hi], gram[:hi, lo:hi], floor, generator)
+            basis[:, hi:nxt] = block[:, :nxt - hi]
+        lo = hi
+    return basis, torch.triu(gram) + torch.triu(gram, 1).T
 
 
 def principal_factors(
