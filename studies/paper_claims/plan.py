@@ -119,7 +119,10 @@ def sweep_grid(initial: list[float], loss_of: Callable[[float], float | None],
 
 
 def adapter_config(method: str, r: int, seed: int) -> AdapterConfig:
-    # SVD settings pinned, so a change of the library's defaults cannot change a run silently
+    # SVD settings pinned, so a change of the library's defaults cannot change a run silently.
+    # The v2 runs were computed by the library at commit dd0551a (block Krylov SVD); a8d5ddc
+    # replaced it by block Lanczos (the same top-16 subspace of SmolLM2 to ~1e-3, not the same
+    # bits). To add runs bit-compatibly: git worktree add <dir> dd0551a, copy runs/, run there.
     return AdapterConfig(method=method, r=r, alpha=r, seed=seed, svd="randomized", svd_niter=10, svd_oversample=8)
 
 
