@@ -1,6 +1,6 @@
 """SVD init at Llama-2-7B shapes: one decoder block in bf16, timed, extrapolated to 32.
 
-    flock /tmp/dude-heavy.lock python -m benchmarks.init_7b      # ~10 min on 2 idle cores
+    python -m benchmarks.init_7b      # ~5 min on 2 idle cores
 
 One block is four 4096x4096 (q, k, v, o) and three 11008x4096 (gate, up; down is
 4096x11008) matrices. Their spectra are SmolLM2-135M's, measured: for each projection

@@ -159,3 +159,34 @@ def test_half_precision_base_says_its_compute_dtype():
     layer = dude.adapter_layers(model)["model.layers.0.mlp.up_proj"]
     assert layer.residual.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
     assert model(token_batch()).logits.dtype == torch.bfloat16
+
+
+def test_export_full_precision_merges_a_4bit_adapter_onto_the_full_weights(tmp_path, smollm2_dir):
+    """``dude export --full-precision``: the merged folder computes what the saved adapter
+    computes on the full-precision base (``dude.load(..., full_precision=True)``); plain
+    ``dude export`` what the 4-bit model computes (``deq(Q)``-based)."""
+    from transformers import AutoModelForCausalLM
+
+    from dude.cli import main
+    from test_train import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(tmp_path / "model", smollm2_dir)
+    fresh = lambda: AutoModelForCausalLM.from_pretrained(model_dir).eval()  # noqa: E731
+    model = dude.apply(fresh(), dude.AdapterConfig(method="dude", **Q))
+    move_adapters(model)
+    dude.save(model, tmp_path / "adapter")
+    ids = token_batch()
+    merged = {}
+    for flag in ("--full-precision", "--no-full-precision"):
+        out = tmp_path / flag.strip("-")
+        assert main(["export", "--adapter", str(tmp_path / "adapter"), "--name-or-path", str(model_dir),
+                     "--output-dir", str(out), flag]) == 0
+        with torch.no_grad():
+            merged[flag] = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+    with torch.no_grad():
+        on_full = dude.load(fresh(), tmp_path / "adapter", full_precision=True)(ids).logits
+        on_4bit = dude.load(fresh(), tmp_path / "adapter")(ids).logits
+        base = fresh()(ids).logits
+    assert not torch.allclose(on_full, base, atol=1e-3) and not torch.allclose(on_full, on_4bit, atol=1e-4)
+    torch.testing.assert_close(merged["--full-precision"], on_full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(merged["--no-full-precision"], on_4bit, rtol=1e-4, atol=1e-5)
