@@ -156,6 +156,11 @@ def test_startup_output_is_printed_once_per_run(runs):
     assert (runs / "accelerate.log").read_text().count("accelerate's FSDP config: run.strategy fsdp") == 1
 
 
+def test_print_config_prints_once_under_torchrun(tiny):
+    out = _run(TORCHRUN, ["train", "--name-or-path", str(tiny / "model"), "--steps", "3", "--print-config"])
+    assert out.count("steps: 3") == 1, out
+
+
 def _as_killed(run: Path, dest: Path) -> Path:
     """A copy of a finished ``run`` as a run killed after its last checkpoint leaves it."""
     dest.mkdir()

@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dude {args.command}: error: {err}", file=sys.stderr)
         return 2
     text = yaml.safe_dump(options.to_dict(config), sort_keys=False)
-    if args.print_config:
-        print(text, end="")
+    if args.print_config:  # once per launch: under torchrun / accelerate, rank 0 prints it
+        if distributed.launched_rank() == 0:
+            print(text, end="")
         return 0
     if distributed.launched_rank() != 0:  # under torchrun / accelerate: logged once; errors print on every rank
         pass
