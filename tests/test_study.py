@@ -346,3 +346,38 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     runner.execute(item, out)
     assert seen[-1]["resume"] and not seen[-1]["overwrite"]
     assert saved_key(out) == item.key
+
+
+def test_a_finished_run_without_its_weights_trains_again(tmp_path, monkeypatch):
+    """The adapter weights are gitignored: in a fresh clone, a finished sweep run that its
+    main phase must measure further is trained again (bit-reproducible), never measured as
+    the base model."""
+    import runner
+    import yaml
+
+    study = Study(TINY, tmp_path, log=lambda m: None)
+    item = study._train_item("main", "dude", 1e-4, 0, 16)
+    out = tmp_path / "runs" / item.key
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text("{}")
+    (out / "adapter_config.json").write_text("{}")
+    calls = []
+
+    def fake_python(args, log):
+        calls.append(args)
+        log.write_text("stopped\n")
+        return 1, 0.0
+
+    monkeypatch.setattr(runner, "_python", fake_python)
+    runner.execute(item, out)
+    assert calls[-1][:3] == ["-m", "dude.cli", "train"]  # trained again: no adapter_model.safetensors
+    assert yaml.safe_load(Path(calls[-1][-1]).read_text())["run"]["overwrite"]
+    (out / "adapter_model.safetensors").write_bytes(b"")
+    runner.execute(item, out)
+    assert calls[-1][0].endswith("measures.py")  # weights here: straight to the measures
+
+    import measures
+
+    (out / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="without its adapter"):
+        measures.load_model(out)

@@ -63,6 +63,8 @@ def load_model(run_dir: Path) -> tuple[Any, Any]:
     from dude.train.config import ModelConfig
 
     adapter = str(run_dir) if (run_dir / "adapter_config.json").is_file() else None
+    if adapter is None and (run_dir / "run-config.yaml").is_file():  # a training run: never the base by mistake
+        raise FileNotFoundError(f"{run_dir} is a training run without its adapter (adapter_config.json); train it again")
     model, tokenizer, _ = load_for(ModelConfig(), adapter)
     if adapter is not None:
         dude.merge(model)

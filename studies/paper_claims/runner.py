@@ -103,6 +103,13 @@ def _train(item: Item, out: Path, log: Path) -> tuple[int, float]:
     return code, cpu
 
 
+def trained(out: Path) -> bool:
+    """The run's training finished and its adapter is here to be measured. The weights are
+    not committed (gitignored): in a fresh clone a finished run that still lacks a measure
+    is trained again, which gives the same weights (training is bit-reproducible)."""
+    return (out / "summary.json").is_file() and (out / "adapter_model.safetensors").is_file()
+
+
 def execute(item: Item, out: Path) -> bool:
     """Do one item into ``out``; True when it finished (a diverged run counts as finished)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +119,7 @@ def execute(item: Item, out: Path) -> bool:
         _write(out / "calib-request.json", item.request)
         code, cpu = _python([str(HERE / "control.py"), str(out)], log)
     else:
-        if item.command == "train" and not (out / "summary.json").is_file():
+        if item.command == "train" and not trained(out):
             code, cpu = _train(item, out, log)
             if (out / "diverged.json").is_file():
                 code = 0
