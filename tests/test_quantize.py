@@ -59,6 +59,32 @@ def test_fused_forward_and_backward_equal_the_reference_on_deq_q(method):
     torch.testing.assert_close(auto, out, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_norm_from_the_base_matmul_equals_the_separate_norm(dropout, monkeypatch):
+    """Training a 4-bit layer, ``W_res A^T`` comes as r extra rows of the forward's 4-bit
+    matmul: the same output and gradients as the norm by its own dequantized product, also
+    with a zero magnitude row (its g = 0) and with dropout (the base matmul reads x)."""
+    _, layer = _layer("dude", dropout=dropout)
+    move_adapters(torch.nn.Sequential(layer))
+    with torch.no_grad():
+        layer.magnitude[3] = 0.0
+    layer.train()
+    assert layer._norm_from_base_matmul()
+    x = torch.randn(3, 5, 96)
+    results = []
+    for inside in (True, False):
+        monkeypatch.setattr(type(layer), "_norm_from_base_matmul", lambda self, inside=inside: inside)
+        torch.manual_seed(1)  # the same dropout mask
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        results.append((out, *torch.autograd.grad(out.square().sum(), [xi, *layer.adapter_params()])))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert torch.equal(results[0][0][..., 3].detach(), layer.bias[3].expand(3, 5))  # g = 0: only the bias
+    layer.eval()
+    assert not layer._norm_from_base_matmul()
+
+
 def test_magnitude_at_init_full_or_quantized():
     linear, full = _layer("dude", quant_magnitude="full")
     _, quantized = _layer("dude", quant_magnitude="quantized")

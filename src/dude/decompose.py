@@ -219,10 +219,13 @@ def magnitude_scale(magnitude: torch.Tensor, row_norm: torch.Tensor) -> torch.Te
     peft#2049). The gradient is finite too: zero for ``m`` on those rows, and zero for the
     row of ``B``, so a zero row stays zero through training and merging.
     """
-    # dividing by inf gives 0 and a zero gradient both ways; the rest is the plain m / norm
-    # (bit-identical, and autograd saves what it saved before: the divisor)
-    safe_norm = torch.where(row_norm == 0, torch.full_like(row_norm, torch.inf), row_norm)  # NaN stays NaN
-    return magnitude.to(torch.float32) / safe_norm
+    return magnitude.to(torch.float32) / safe_row_norm(row_norm)
+
+
+def safe_row_norm(row_norm: torch.Tensor) -> torch.Tensor:
+    """``row_norm`` with its zeros as ``inf``: dividing by it gives 0 and a zero gradient both
+    ways; elsewhere the plain norm (bit-identical ``m / norm``). A NaN stays NaN."""
+    return torch.where(row_norm == 0, torch.full_like(row_norm, torch.inf), row_norm)
 
 
 def merged_weight(

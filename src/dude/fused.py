@@ -14,13 +14,17 @@ Saved for backward: ``drop(x)`` (needed by ``dA``, as in LoRA), ``h = drop(x) A^
 (tokens, r), the output ``z`` (only when ``g`` needs a gradient), and references to the
 parameters. ``g`` must not be zero where it needs a gradient; ``g == 0`` rows (a zero
 magnitude) keep the pre-scale output instead, exactly as autograd would.
+
+Training on a 4-bit residual (float32 compute, norm detached), ``g``'s ``W_res A^T`` is
+formed from ``r`` extra rows of the forward's 4-bit matmul, ``[x; A] deq(Q)^T``, instead of
+a second dequantization of ``Q`` (``base_with_norm_rows``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import frozen
+from . import decompose, frozen
 
 
 def adapter_matmuls(
@@ -36,8 +40,26 @@ def adapter_matmuls(
     One base matmul; the update is accumulated into its output in place. ``dropped`` is
     ``drop(x)``, or ``None`` when the dropout is the identity.
     """
+    return _accumulate_update(frozen.linear(x, residual), x, dropped, lora_a, lora_b, scaling)
+
+
+def base_with_norm_rows(x: torch.Tensor, residual: frozen.Frozen, lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x W_res^T (N, out), W_res A^T (out, r) float32)`` from one base matmul of ``[x; A]``.
+
+    For a 4-bit residual the norm's ``W_res A^T`` otherwise dequantizes ``Q`` a second time
+    and reads it again; as ``r`` extra rows of the forward's matmul it costs ``r / N`` of it.
+    Only where ``A`` is exact in the compute dtype (float32); the extra rows are copied out
+    and the output shrunk in place, so it is a tensor of its own, not a view.
+    """
+    n = x.shape[0]
+    full = frozen.linear(torch.cat([x, lora_a.to(x.dtype)]), residual)  # (N + r, out)
+    residual_a = full[n:].to(torch.float32, copy=True).T  # (out, r)
+    return full.resize_(n, full.shape[1]), residual_a
+
+
+def _accumulate_update(out, x, dropped, lora_a, lora_b, scaling):
+    """``out += s h B^T`` in place, ``h = drop(x) A^T``; returns ``(out, h)``."""
     src = x if dropped is None else dropped
-    out = frozen.linear(x, residual)  # (N, out), the only full-size allocation
     h = src.to(lora_a.dtype) @ lora_a.T  # (N, r), adapter precision (float32 for half models)
     if out.dtype == lora_b.dtype:
         out.addmm_(h, lora_b.T, alpha=scaling)
@@ -47,19 +69,34 @@ def adapter_matmuls(
 
 
 class AdapterFunction(torch.autograd.Function):
-    """Forward and backward of ``z = g * (x W_res^T + s drop(x) A^T B^T)`` on 2-D inputs."""
+    """Forward and backward of ``z = g * (x W_res^T + s drop(x) A^T B^T)`` on 2-D inputs.
+
+    ``g`` is given as ``scale``, or formed here as ``m / ||W_res + s B A||_row`` (norm
+    detached) from ``magnitude`` and ``||W_res||^2`` per row, its ``W_res A^T`` taken from
+    the base matmul (``base_with_norm_rows``); the gradient then goes to ``magnitude``.
+    """
 
     @staticmethod
-    def forward(ctx, x, dropped, residual, lora_a, lora_b, scaling, scale):
-        out, h = adapter_matmuls(x, dropped, residual, lora_a, lora_b, scaling)  # (N, out), (N, r)
+    def forward(ctx, x, dropped, residual, lora_a, lora_b, scaling, scale, magnitude=None, residual_sq_norm=None):
+        ctx.safe_norm = None
+        if magnitude is None:
+            out, h = adapter_matmuls(x, dropped, residual, lora_a, lora_b, scaling)  # (N, out), (N, r)
+        else:
+            base, residual_a = base_with_norm_rows(x, residual, lora_a)
+            out, h = _accumulate_update(base, x, dropped, lora_a, lora_b, scaling)
+            norm = decompose.row_norm_factored(residual_a, residual_sq_norm, lora_a, lora_b, scaling)
+            ctx.safe_norm = decompose.safe_row_norm(norm)  # (out,): g = m / safe_norm
+            scale = magnitude.to(torch.float32) / ctx.safe_norm
+        wants_scale_grad = ctx.needs_input_grad[6] or (magnitude is not None and ctx.needs_input_grad[7])
         pre_scale = None
         if scale is not None:
-            if ctx.needs_input_grad[6] and not bool((scale != 0).all()):
+            if wants_scale_grad and not bool((scale != 0).all()):
                 pre_scale = out.clone()  # z / g is undefined on these rows: keep what autograd keeps
             out.mul_(scale.to(out.dtype))
         ctx.scaling, ctx.residual = scaling, residual  # a tensor, or a 4-bit frozen.QuantizedWeight
         ctx.has_dropped, ctx.has_scale, ctx.has_pre_scale = dropped is not None, scale is not None, pre_scale is not None
-        keep_out = scale is not None and ctx.needs_input_grad[6] and pre_scale is None
+        ctx.wants_scale_grad, ctx.magnitude_dtype = wants_scale_grad, None if magnitude is None else magnitude.dtype
+        keep_out = scale is not None and wants_scale_grad and pre_scale is None
         ctx.save_for_backward(
             x if dropped is None else dropped, lora_a, lora_b, h, scale,
             out if keep_out else None, pre_scale,
@@ -88,7 +125,8 @@ class AdapterFunction(torch.autograd.Function):
                 grad_x = d_src
             else:
                 grad_x.add_(d_src)
-        if ctx.has_scale and ctx.needs_input_grad[6]:
+        grad_magnitude = None
+        if ctx.has_scale and ctx.wants_scale_grad:
             if ctx.has_pre_scale:
                 grad_scale = (grad * pre_scale).sum(0, dtype=torch.float32)
             else:
@@ -97,7 +135,9 @@ class AdapterFunction(torch.autograd.Function):
                 g32 = scale.to(torch.float32)
                 grad_scale = d_out.mul_(out).sum(0, dtype=torch.float32).div_(g32 * g32)
             grad_scale = grad_scale.to(scale.dtype)
-        return grad_x, grad_dropped, None, grad_a, grad_b, None, grad_scale
+            if ctx.safe_norm is not None:  # g = m / safe_norm: what autograd of that division gives
+                grad_magnitude, grad_scale = (grad_scale / ctx.safe_norm).to(ctx.magnitude_dtype), None
+        return grad_x, grad_dropped, None, grad_a, grad_b, None, grad_scale, grad_magnitude, None
 
 
 def adapter_forward(
@@ -120,4 +160,23 @@ def adapter_forward(
         out, _ = adapter_matmuls(x2, d2, residual, lora_a, lora_b, scaling)
         if scale is not None:
             out.mul_(scale.to(out.dtype))
+    return out.reshape(*lead, out.shape[-1])
+
+
+def adapter_forward_norm_inside(
+    x: torch.Tensor,
+    dropped: torch.Tensor | None,
+    residual: frozen.Frozen,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    residual_sq_norm: torch.Tensor,
+) -> torch.Tensor:
+    """``adapter_forward`` with ``g = m / ||W_res + s B A||_row`` (detached) formed inside,
+    from the base matmul's extra rows (training with gradients only)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    d2 = None if dropped is None else dropped.reshape(-1, dropped.shape[-1])
+    out = AdapterFunction.apply(x2, d2, residual, lora_a, lora_b, scaling, None, magnitude, residual_sq_norm)
     return out.reshape(*lead, out.shape[-1])

@@ -237,11 +237,23 @@ class AdapterLinear(nn.Module):
         if not self.fast_path or torch.is_autocast_enabled(x.device.type):
             return self.forward_autograd(x)
         dropped = self.dropout(x)
-        scale = None if self.magnitude is None else self.magnitude_scale()  # (out,) float32
-        out = fused.adapter_forward(
-            x, None if dropped is x else dropped, self.residual, self.lora_A, self.lora_B, self.scaling, scale
-        )
+        dropped = None if dropped is x else dropped
+        if self._norm_from_base_matmul():
+            out = fused.adapter_forward_norm_inside(
+                x, dropped, self.residual, self.lora_A, self.lora_B, self.scaling, self.magnitude,
+                self._residual_sq_norm(),
+            )
+        else:
+            scale = None if self.magnitude is None else self.magnitude_scale()  # (out,) float32
+            out = fused.adapter_forward(x, dropped, self.residual, self.lora_A, self.lora_B, self.scaling, scale)
         return out if self.bias is None else out + self.bias
+
+    def _norm_from_base_matmul(self) -> bool:
+        """Training a 4-bit float32-compute residual with a detached norm: ``W_res A^T`` comes
+        as ``r`` extra rows of the forward's 4-bit matmul (``fused.base_with_norm_rows``)
+        instead of a second dequantization of ``Q``."""
+        return (self.magnitude is not None and self.detach_norm and self.training and torch.is_grad_enabled()
+                and isinstance(self.residual, QuantizedWeight) and self.residual.dtype == torch.float32)
 
     def forward_autograd(self, x: torch.Tensor) -> torch.Tensor:
         """The same function by plain autograd ops (used under autocast, and as a baseline)."""
