@@ -74,3 +74,30 @@ def test_a_run_trained_on_every_row_has_no_heldout_set(runs, tmp_path, capsys):
     other = make_math_file(tmp_path / "other.jsonl", n=3)
     assert _eval(runs["all"], tmp_path, "--eval-path", str(other)) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["results"]["heldout"]["n"] == 3
+
+
+
+def test_a_data_file_edited_since_training_is_refused(runs, tmp_path, capsys):
+    """The run recorded its file's sha256 (data-files.json): edited, 'heldout' would be other
+    rows, so dude eval refuses it by name; restored, it goes on. --resume likewise."""
+    record = json.loads((runs["split"] / "data-files.json").read_text())
+    assert set(record) == {"data.path"} and record["data.path"]["file"] == str(runs["path"])
+    original = runs["path"].read_text()
+    try:
+        runs["path"].write_text(original.replace("\n", "\n\n", 1))  # a blank line: the same rows, other bytes
+        assert _eval(runs["split"], tmp_path / "e") == 2
+        err = capsys.readouterr().err
+        assert "data.path" in err and "changed since the run" in err and "--tasks file:" in err, err
+    finally:
+        runs["path"].write_text(original)
+    assert _eval(runs["split"], tmp_path / "restored") == 0
+
+    path = tmp_path / "copy.jsonl"
+    path.write_text(original)
+    args = ["train", "--name-or-path", str(runs["model"]), "--task", "file", "--path", str(path), "--tasks",
+            "--method", "lora", "--adapter.r", "2", "--steps", "2", "--save-every", "1", "--optim-batch-size", "2",
+            "--output-dir", str(tmp_path / "r"), "--no-progress"]
+    assert main(args) == 0
+    path.write_text(original + original.splitlines()[0] + "\n")
+    assert main([*args, "--resume"]) == 2
+    assert "changed since the run" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import yaml
 
+from . import datafiles
 from .config import DataConfig, EvalCommandConfig, ExportConfig, ModelConfig
 from .options import build
 from .rundir import write_json
@@ -67,6 +68,8 @@ def check_run_split(cfg: EvalCommandConfig) -> None:
         raise ValueError(f"{'; '.join(differ)} (its config.yaml in {adapter!r}), so eval set 'heldout' would not be "
                          "the rows it held out; drop the option (dude eval reads the run's data options), or score "
                          "other data with --tasks file:<path>")
+    datafiles.check(Path(adapter), "eval set 'heldout' would not be the rows it held out: restore the file, or "
+                                   "score other data with --tasks file:<path>")
     if "heldout" in cfg.eval.tasks and run.task == "file" and not cfg.data.eval_path and run.eval_fraction == 0:
         raise ValueError(f"eval set 'heldout': the run in {adapter!r} trained on every row of {run.path!r} "
                          "(data.eval_fraction 0 in its config.yaml), so it has no held-out rows; name a file it "

@@ -24,7 +24,7 @@ from .. import patch
 from ..data import collate_sft
 from ..io import load as load_adapter
 from ..io import save as save_adapter
-from . import checkpoint, distributed, optim, rundir, sharded_checkpoint
+from . import checkpoint, datafiles, distributed, optim, rundir, sharded_checkpoint
 from .batches import DataOrder
 from .config import TrainConfig
 from .options import to_dict
@@ -98,6 +98,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, start: float, model: nn.Module
     out = Path(cfg.run.output_dir)
     resolved = to_dict(cfg)
     rundir.prepare(out, resolved, cfg.run.resume, cfg.run.overwrite, clear=d.is_main)
+    if cfg.run.resume:
+        datafiles.check(out, "resuming would train on other rows: restore it, or start a new run (--overwrite)")
     distributed.barrier(d)
     checkpoint.seed_everything(cfg.run.seed + d.rank)
     if model is None:
@@ -113,6 +115,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, start: float, model: nn.Module
     state.step = resumed or 0
     if d.is_main:
         rundir.write_config(out, resolved)
+        if not cfg.run.resume:
+            datafiles.record(out, cfg.data)
     metrics = rundir.MetricsLog(out / "metrics.jsonl", resumed) if d.is_main else None
     order = DataOrder(len(examples), cfg.optim.batch_size, cfg.optim.grad_accum, d.world_size, cfg.run.seed)
     last_loss = _run_steps(cfg, state, d, order, examples, collate, metrics, out)

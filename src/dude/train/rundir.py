@@ -7,6 +7,7 @@ Files a training run writes (and nothing else):
     loss.png                    training loss against step
     summary.json                final loss, steps, wall time, peak memory
     eval.json                   when evaluation ran
+    data-files.json             sha256 of a file task's data files (datafiles.py)
     adapter_config.json         the adapter (dude.save, PEFT format)
     adapter_model.safetensors
     checkpoints/step-*.pt       when run.save_every > 0
@@ -22,7 +23,7 @@ from typing import Any
 
 import yaml
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "eval.json",
+RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "eval.json", "data-files.json",
              "adapter_config.json", "adapter_model.safetensors")
 # Options that may change between a run and its --resume without changing the result.
 # optim.grad_accum changes with the number of processes; resume.py checks that the global
