@@ -202,7 +202,7 @@ def row_norm_factored(
     # sqrt has an infinite slope at 0: a zero row (pruned, MoE) would send NaN into the
     # gradient of A and B when the norm is not detached; the tiny floor keeps it finite.
     # (NaN <= 0 is false: a NaN stays NaN, never a silent zero)
-    return torch.where(sq <= 0, torch.zeros_like(sq), sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt())
+    return torch.where(sq <= 0, 0.0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt())  # scalars: no fill
 
 
 def row_norm_dense(weight: torch.Tensor) -> torch.Tensor:
@@ -225,7 +225,7 @@ def magnitude_scale(magnitude: torch.Tensor, row_norm: torch.Tensor) -> torch.Te
 def safe_row_norm(row_norm: torch.Tensor) -> torch.Tensor:
     """``row_norm`` with its zeros as ``inf``: dividing by it gives 0 and a zero gradient both
     ways; elsewhere the plain norm (bit-identical ``m / norm``). A NaN stays NaN."""
-    return torch.where(row_norm == 0, torch.full_like(row_norm, torch.inf), row_norm)
+    return torch.where(row_norm == 0, torch.inf, row_norm)
 
 
 def merged_weight(
