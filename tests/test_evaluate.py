@@ -110,3 +110,15 @@ def test_bad_input_errors(smollm2) -> None:
         evaluate_multiple_choice(model, tokenizer, [{"question": "q", "choices": ["a", "b"],
                                                      "answer": 0}], batch_size=0)
     assert torch.is_grad_enabled()
+
+
+def test_a_number_longer_than_decimal_precision_is_read_not_raised():
+    """A model that babbles a 40-digit number: Decimal.quantize raised InvalidOperation past
+    28 digits (a study's accuracy measure crashed on it); the digits come back as written."""
+    from dude.evaluate.extract import extract_answer, normalize_number
+
+    long = "1" * 40
+    assert extract_answer(f"so the answer is {long}") == long
+    assert normalize_number("1,200.00") == "1200" and normalize_number("100") == "100"
+    assert normalize_number("$1,200.50") == "1200.5" and normalize_number("-7.") == "-7"
+    assert normalize_number("1e3") == "1000" and normalize_number("0.000") == "0"

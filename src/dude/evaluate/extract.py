@@ -23,9 +23,9 @@ def normalize_number(text: str) -> str | None:
         return None
     if not value.is_finite():
         return None
-    normal = value.normalize()
-    # normalize() writes 100 as 1E+2; quantize integers back to plain digits
-    return str(normal.quantize(Decimal(1))) if normal == normal.to_integral_value() else str(normal)
+    if value == value.to_integral_value():  # integers as plain digits, any length ("1E+2" -> "100")
+        return f"{value:f}".split(".")[0]
+    return str(value.normalize())
 
 
 def extract_answer(text: str) -> str | None:
