@@ -123,8 +123,9 @@ def adapter_config(method: str, r: int, seed: int) -> AdapterConfig:
     # The v2 runs were computed by the library at commit dd0551a (block Krylov SVD); a8d5ddc
     # replaced it by block Lanczos (the same top-16 subspace of SmolLM2 to ~1e-3, not the same
     # bits). To add runs bit-compatibly, run this study with that library on the path:
-    #   git worktree add /tmp/dude-dd0551a dd0551a
+    #   git worktree add /tmp/dude-dd0551a dd0551a && git -C /tmp/dude-dd0551a cherry-pick bb569b7
     #   PYTHONPATH=/tmp/dude-dd0551a/src python studies/paper_claims/run.py   (runs inherit it)
+    # (bb569b7: the answer extraction's fix for numbers past 28 digits, a measure-only change)
     return AdapterConfig(method=method, r=r, alpha=r, seed=seed, svd="randomized", svd_niter=10, svd_oversample=8)
 
 
