@@ -148,13 +148,19 @@ def adapter_forward(
     lora_b: torch.Tensor,
     scaling: float,
     scale: torch.Tensor | None,
+    norm_inside: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``g * (x W_res^T + s drop(x) A^T B^T)`` for ``x`` of shape (..., in); ``g = scale`` (out,)
-    or 1 when ``None``. Differentiable in ``x``, ``drop(x)``, ``A``, ``B`` and ``scale``."""
+    or 1 when ``None``. Differentiable in ``x``, ``drop(x)``, ``A``, ``B`` and ``scale``.
+
+    ``norm_inside = (m, ||W_res||^2 per row)`` (with gradients only, ``scale`` None): ``g =
+    m / ||W_res + s B A||_row`` (detached) is formed from the base matmul's extra rows."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     d2 = None if dropped is None else dropped.reshape(-1, dropped.shape[-1])
-    if torch.is_grad_enabled():
+    if norm_inside is not None:
+        out = AdapterFunction.apply(x2, d2, residual, lora_a, lora_b, scaling, None, *norm_inside)
+    elif torch.is_grad_enabled():
         out = AdapterFunction.apply(x2, d2, residual, lora_a, lora_b, scaling, scale)
     else:  # inference: no graph, no saved tensors
         out, _ = adapter_matmuls(x2, d2, residual, lora_a, lora_b, scaling)
@@ -162,21 +168,3 @@ def adapter_forward(
             out.mul_(scale.to(out.dtype))
     return out.reshape(*lead, out.shape[-1])
 
-
-def adapter_forward_norm_inside(
-    x: torch.Tensor,
-    dropped: torch.Tensor | None,
-    residual: frozen.Frozen,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scaling: float,
-    magnitude: torch.Tensor,
-    residual_sq_norm: torch.Tensor,
-) -> torch.Tensor:
-    """``adapter_forward`` with ``g = m / ||W_res + s B A||_row`` (detached) formed inside,
-    from the base matmul's extra rows (training with gradients only)."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    d2 = None if dropped is None else dropped.reshape(-1, dropped.shape[-1])
-    out = AdapterFunction.apply(x2, d2, residual, lora_a, lora_b, scaling, None, magnitude, residual_sq_norm)
-    return out.reshape(*lead, out.shape[-1])

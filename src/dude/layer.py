@@ -239,13 +239,12 @@ class AdapterLinear(nn.Module):
         dropped = self.dropout(x)
         dropped = None if dropped is x else dropped
         if self._norm_from_base_matmul():
-            out = fused.adapter_forward_norm_inside(
-                x, dropped, self.residual, self.lora_A, self.lora_B, self.scaling, self.magnitude,
-                self._residual_sq_norm(),
-            )
+            scale, norm_inside = None, (self.magnitude, self._residual_sq_norm())
         else:
-            scale = None if self.magnitude is None else self.magnitude_scale()  # (out,) float32
-            out = fused.adapter_forward(x, dropped, self.residual, self.lora_A, self.lora_B, self.scaling, scale)
+            scale, norm_inside = (None if self.magnitude is None else self.magnitude_scale()), None  # (out,) float32
+        out = fused.adapter_forward(
+            x, dropped, self.residual, self.lora_A, self.lora_B, self.scaling, scale, norm_inside
+        )
         return out if self.bias is None else out + self.bias
 
     def _norm_from_base_matmul(self) -> bool:
