@@ -1,10 +1,15 @@
 """Target matching (PEFT's rules), apply/merge on whole tiny models, refusals."""
 
+import gc
+import os
+
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 import dude
+from dude.frozen import QuantizedWeight
 from dude.patch import find_targets
 from tiny_models import move_adapters, tiny_gpt2, tiny_llama, tiny_qwen2, token_batch
 
@@ -100,3 +105,37 @@ def test_randomized_and_kaiming_init_are_seeded():
 def test_merged_model_is_an_ordinary_module():
     model = dude.merge(dude.apply(tiny_llama(), dude.AdapterConfig(method="dora", r=4)))
     assert all(type(m) in (nn.Linear,) for n, m in model.named_modules() if n.endswith("_proj"))
+
+
+def _mapped(path) -> bool:
+    return str(path) in open("/proc/self/maps").read()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings from Linux's /proc")
+@pytest.mark.parametrize("factory, method, quantize", [
+    (tiny_llama, "dude", None), (tiny_llama, "lora", "nf4"), (tiny_gpt2, "pissa", None), (tiny_llama, "lora", None),
+], ids=["dude", "qlora", "pissa-gpt2-tied", "lora"])
+def test_apply_lets_go_of_the_checkpoint_file_once_the_frozen_weights_are_replaced(tmp_path, factory, method, quantize):
+    if quantize is not None:  # bitsandbytes loads its CPU kernels on first use and logs a failure with the
+        QuantizedWeight.quantize(torch.ones(64, 64), quantize)  # exception, whose frames pytest's log capture keeps
+    factory().save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    assert _mapped(file)  # transformers maps the checkpoint: its tensors view the file
+    tokens = token_batch()
+    with torch.no_grad():
+        expected = model(tokens).logits
+    embedding = model.get_input_embeddings().weight
+    values, pointer = embedding.detach().clone(), embedding.data_ptr()
+    dude.apply(model, dude.AdapterConfig(method=method, r=4, alpha=4, target_modules=["q_proj", "v_proj", "o_proj",
+               "gate_proj", "up_proj", "down_proj", "k_proj", "c_attn", "c_proj", "c_fc"], quantize=quantize))
+    gc.collect()
+    replaced = method in ("pissa", "dude") or quantize is not None
+    assert _mapped(file) is not replaced
+    assert (embedding.data_ptr() != pointer) is replaced  # copied out of the file only when that frees it
+    assert model.get_input_embeddings().weight is embedding and torch.equal(embedding, values)
+    if factory is tiny_gpt2:
+        assert model.lm_head.weight is embedding  # the tie stays
+    if quantize is None:
+        with torch.no_grad():
+            torch.testing.assert_close(model(tokens).logits, expected, atol=1e-5, rtol=1e-5)
