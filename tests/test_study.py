@@ -22,8 +22,8 @@ sys.path.insert(0, str(STUDY_DIR))
 from claims import compare, steps_to  # noqa: E402
 from data import GsmCut, retention_rows  # noqa: E402
 from measures import fingerprint  # noqa: E402
-from plan import (FULL, NEEDS, Budget, StudyConfig, config_key, data_files, ladder, n_train, saved_key,  # noqa: E402
-                  sweep_grid, train_config)
+from plan import (FULL, NEEDS, Budget, StudyConfig, config_key, data_files, ladder, measure_request, n_train,  # noqa: E402
+                  saved_key, sweep_grid, train_config)
 from report import write_report  # noqa: E402
 from runner import Study, finished  # noqa: E402
 
@@ -304,9 +304,13 @@ def test_verdict_rule():
     assert steps_to(run, 1.0) == 1 and steps_to(run, 0.5) == 7  # not reached: censored at steps + 1
 
 
-def test_every_phase_names_its_measures():
+def test_every_phase_names_its_measures(tmp_path):
     assert set(NEEDS) == {"base", "sweep", "main", "control", "rank"}
     assert "accuracy" in NEEDS["main"] and NEEDS["sweep"] == ("val",)
+    study = dataclasses.replace(FULL, budget=dataclasses.replace(FULL.budget, cut=TINY.budget.cut))
+    requested = {seed: measure_request(study, tmp_path, "main", seed)["measures"] for seed in study.seeds}
+    assert requested == {0: ["id", "ood", "retention", "accuracy"], 1: ["id", "ood", "retention"],
+                         2: ["id", "ood", "retention"]}  # FULL generates on seed 0 only
 
 
 @pytest.mark.slow

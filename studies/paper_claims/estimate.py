@@ -88,9 +88,10 @@ def study_cpu_hours(units: dict, study, n_train: int, sizes: dict[str, int], ext
     per_gen = units["eval"]["gen_cpu_s"] / units["eval"]["gen_examples"]
     n_acc = min(sizes["id"], study.budget.accuracy_limit or 10 ** 9)
 
-    def measures(phase: str) -> float:
-        return sum(sizes[m] * per_loss for m in NEEDS[phase] if m != "accuracy") + (
-            n_acc * per_gen if "accuracy" in NEEDS[phase] else 0.0)
+    def measures(phase: str, seed: int = 0) -> float:
+        generates = "accuracy" in NEEDS[phase] and (study.budget.accuracy_seeds is None
+                                                    or seed in study.budget.accuracy_seeds)
+        return sum(sizes[m] * per_loss for m in NEEDS[phase] if m != "accuracy") + (n_acc * per_gen if generates else 0.0)
 
     mean_step = sum(step.values()) / len(step)
     n_grid = sum(len(g) for g in study.lr_grid.values())
@@ -98,8 +99,8 @@ def study_cpu_hours(units: dict, study, n_train: int, sizes: dict[str, int], ext
     parts = {
         "sweep": sum(len(study.lr_grid[m]) * (steps * step[m] + measures("sweep")) for m in study.methods)
         + extensions * (steps * mean_step + measures("sweep")),
-        "main": sum((len(study.seeds) - 1) * (steps * step[m] + measures("main")) + measures("main")
-                    for m in study.methods),
+        "main": sum(sum(steps * step[m] * (seed != 0) + measures("main", seed) for seed in study.seeds)
+                    for m in study.methods),  # seed 0 is the sweep run: its training is counted there
         "control": len(study.seeds) * (steps * step["lora"] + measures("control")),
         "rank": sum(n_rank * (steps * step[m] + measures("rank")) for m in study.rank_methods),  # r=64 ~ r=16
         "base": measures("base"),

@@ -9,7 +9,8 @@ templates), plus the MMLU-dev explanations as retention text. Phases:
    lr past that edge (``sweep_grid``), up to ``max_extensions`` times, so no method's best
    lr sits at an edge.
 2. ``main``: every method at its best lr, seeds ``seeds`` (seed 0 *is* the sweep run: the
-   same config, so the same cache key), all measures incl. greedy accuracy.
+   same config, so the same cache key), all test measures; greedy accuracy on the runs of
+   ``budget.accuracy_seeds``.
 3. ``control``: LoRA at ``k`` times the best PiSSA lr, where ``k`` matches PiSSA's first
    AdamW step (``control.py``, a ``calib`` item), seeds ``seeds``.
 4. ``rank``: each of ``rank_methods`` at its best lr, seed 0, r in ``ranks`` (alpha = r), the
@@ -21,14 +22,16 @@ options) and of the data files it reads (``config_key``).
 Budget of ``FULL``: 210 training problems (3 variants x 70 templates), batch 2, 105 steps
 = 1 epoch; max_length 448 (no answer cut); validation 70, in-distribution test 420,
 out-of-distribution test 90, retention 141 MMLU-dev explanations, greedy accuracy on 60
-per run (180 per method over the 3 seeds); rank ablation for LoRA, PiSSA and DuDe.
+per method (seed 0; cut from 180 over the 3 seeds in the main phase's first hour, when the
+base model had scored 0/60 and LoRA and DoRA 1/60 each, and generating the 60 took ~10 of a
+main run's ~40 minutes); rank ablation for LoRA, PiSSA and DuDe.
 
 CPU time, measured by ``estimate.py`` on an idle machine (``estimate.json``, 2026-11-25
 19:59 UTC, one thread, load average 0.7-1.3): a training step of 2 examples 4.9 (LoRA) /
 5.1 (DoRA) / 4.7 (PiSSA) / 4.9 (DuDe) CPU-s, so a run of 105 steps ~8.6 CPU-min; response
 loss 1.0 CPU-s per problem, greedy generation 3.7 CPU-s per problem. ``estimate.py
---from-json``: 31 training runs (2 grid extensions assumed), **~9 CPU-h** (sweep 2.3, main
-4.2, control 0.9, rank 1.6, base 0.3), ~4.5 h wall with ``--jobs 2``. Over the issue's ~6 h:
+--from-json``: 31 training runs (2 grid extensions assumed), **~8.9 CPU-h** (sweep 2.3, main
+3.75, control 0.9, rank 1.6, base 0.3), ~4.5 h wall with ``--jobs 2``. Over the issue's ~6 h:
 31 epochs of training alone are 4.4 CPU-h, and the held-out sets are as small as the
 verdicts allow (>= 400 in-distribution items). Resumable at any point (the cache, and a
 checkpoint every 15 steps inside a run).
@@ -76,6 +79,7 @@ class Budget:
     eval_batch: int = 8
     gen_batch: int = 16
     accuracy_limit: int | None = None          # in-distribution problems generated (None: all)
+    accuracy_seeds: list[int] | None = None    # the seeds whose main runs generate (None: all)
     limits: dict[str, int] = field(default_factory=dict)  # per loss set (plumbing checks only)
 
     def train_steps(self, n_train: int) -> int:
@@ -151,10 +155,11 @@ def train_config(study: StudyConfig, method: str, lr: float, seed: int, r: int, 
                        eval=EvalConfig(tasks=[]))  # measured by measures.py, not by dude train's eval
 
 
-def measure_request(study: StudyConfig, data_dir: Path, phase: str) -> dict[str, Any]:
-    """What ``measures.py`` computes for a run of ``phase`` (written into the run folder)."""
+def measure_request(study: StudyConfig, data_dir: Path, phase: str, seed: int = 0) -> dict[str, Any]:
+    """What ``measures.py`` computes for a run of ``phase`` and ``seed`` (written into the run folder)."""
     b = study.budget
-    return {"measures": list(NEEDS[phase]), "files": {k: str(v) for k, v in data_files(study, data_dir).items()},
+    generates = b.accuracy_seeds is None or seed in b.accuracy_seeds
+    return {"measures": [m for m in NEEDS[phase] if m != "accuracy" or generates], "files": {k: str(v) for k, v in data_files(study, data_dir).items()},
             "max_length": b.max_length, "retention_max_length": b.retention_max_length,
             "eval_batch": b.eval_batch, "gen_batch": b.gen_batch,
             "max_new_tokens": b.max_new_tokens, "accuracy_limit": b.accuracy_limit, "limits": b.limits}
@@ -229,7 +234,7 @@ LR_GRID = {"lora": [1e-3, 3e-3, 1e-2], "dora": [1e-3, 3e-3, 1e-2],
            "pissa": [1e-4, 3e-4, 1e-3], "dude": [1e-4, 3e-4, 1e-3]}
 
 FULL = StudyConfig(name="full", lr_grid=LR_GRID, budget=Budget(
-    cut=GsmCut(train_per=3, val_per=1, id_per=6, ood_per=3), batch_size=2, accuracy_limit=60,
+    cut=GsmCut(train_per=3, val_per=1, id_per=6, ood_per=3), batch_size=2, accuracy_limit=60, accuracy_seeds=[0],
     limits={"retention": 141}),  # a seeded half of the 282 MMLU-dev explanations
     rank_methods=("lora", "pissa", "dude"))
 

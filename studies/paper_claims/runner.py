@@ -157,7 +157,7 @@ class Study:
             cfg = train_config(self.study, method, lr, seed, r, self.data_dir)
             record = {"phase": phase, "method": method, "lr": lr, "seed": seed, "r": r}
             self._items[args] = Item("train", config_key(cfg), record, cfg,
-                                     measure_request(self.study, self.data_dir, phase))
+                                     measure_request(self.study, self.data_dir, phase, seed))
         return self._items[args]
 
     def val_loss(self, method: str, lr: float) -> float | None:
