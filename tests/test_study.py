@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 STUDY_DIR = Path(__file__).resolve().parents[1] / "studies" / "paper_claims"
 sys.path.insert(0, str(STUDY_DIR))
 
-from claims import compare, steps_to  # noqa: E402
+from claims import aggregate, compare, paired_noise, steps_to  # noqa: E402
 from data import GsmCut, retention_rows  # noqa: E402
 from measures import fingerprint  # noqa: E402
 from plan import (FULL, NEEDS, Budget, StudyConfig, config_key, data_files, ladder, measure_request, n_train,  # noqa: E402
@@ -302,6 +303,24 @@ def test_verdict_rule():
     assert compare((0.0, None, 1), (0.0, None, 1), True, n_items=2, margin=0.01)[0] == "inconclusive"
     run = {"steps": [1, 2, 3, 4, 5, 6], "loss": [1.0] * 6}
     assert steps_to(run, 1.0) == 1 and steps_to(run, 0.5) == 7  # not reached: censored at steps + 1
+
+
+def test_paired_rule_cancels_the_seeds_own_luck():
+    # seeds differ a lot (0.40, 0.50, 0.60) but A is 0.02 below B on every one of them
+    b = {0: 0.42, 1: 0.52, 2: 0.62}
+    a = {0: 0.40, 1: 0.50, 2: 0.605}
+    stat = lambda d: (statistics.fmean(d.values()), statistics.stdev(d.values()), len(d))  # noqa: E731
+    assert compare(stat(a), stat(b), False)[0] == "inconclusive"  # unpaired: the seeds' spread hides it
+    band = paired_noise(a, b)
+    assert band == pytest.approx(2 * statistics.stdev([-0.02, -0.02, -0.015]) / math.sqrt(3))
+    assert compare(stat(a), stat(b), False, band=band)[0] == "holds"
+    assert paired_noise(a, {0: 0.42, 1: 0.52}) is None and paired_noise({0: 0.4}, {0: 0.5}) is None  # no pairs
+    # aggregate keeps each run's value under its seed, so the verdict table can pair them
+    runs = [{"seed": s, "lr": 1e-3, "loss": [1.0, 0.5], "steps": [1, 2], "diverged": False, "summary": None,
+             "measures": {"id": {"loss": v}, "retention": {"loss": v + 1}}} for s, v in a.items()]
+    agg = aggregate(runs, {"retention": {"loss": 1.0}}, 0.75)  # the trailing mean reaches 0.75 at step 2
+    assert agg["by_seed"]["id"] == a and agg["by_seed"]["forgetting"] == pytest.approx(a)
+    assert agg["by_seed"]["steps_to_target"] == {0: 2, 1: 2, 2: 2}
 
 
 def test_every_phase_names_its_measures(tmp_path):

@@ -1,9 +1,18 @@
 """Per-method aggregates of the finished runs, and the claim-by-claim verdicts.
 
-The rule. For a claim "A is better than B" on a measure with seed means a, b and standard
-errors se_a, se_b (seed-to-seed: std / sqrt(seeds); for accuracy the larger of that and
-the binomial one of items * seeds problems, ``binomial_se``), let gain = a - b (or b - a where lower is
-better) and noise = 2 sqrt(se_a^2 + se_b^2):
+The rule. For a claim "A is better than B" on a measure with seed means a, b, let gain =
+a - b (or b - a where lower is better) and noise = twice the standard error of the gain:
+
+- where A and B ran the same seeds (2 or more), the *paired* one, ``paired_noise``: runs of
+  one seed share their data order and so their seed's own luck, which cancels in the
+  per-seed difference d_s = a_s - b_s; noise = 2 std(d) / sqrt(seeds);
+- otherwise the unpaired one, ``noise``: 2 sqrt(se_a^2 + se_b^2) with se = std / sqrt(seeds)
+  (for accuracy the larger of that and the binomial one of items * seeds problems,
+  ``binomial_se``).
+
+The paired error became the rule after two of the three main seeds had run (the first rule
+ignored the pairing the design has); the report gives the unpaired verdict beside each
+comparison.
 
 - **holds**: gain > noise;
 - **does not hold**: gain < -noise (the opposite is seen), or gain + noise < margin (the
@@ -62,12 +71,15 @@ def aggregate(runs: list[dict[str, Any]], base: dict[str, Any], target: float | 
     reach = [steps_to(r, target) for r in ok]
     agg["steps_to_target"] = mean_std(reach)
     agg["reached"] = sum(x is not None and x <= r["steps"][-1] for x, r in zip(reach, ok))
+    by_seed = {"steps_to_target": {r["seed"]: x for r, x in zip(ok, reach) if x is not None}}
     for name in ("val", "id", "ood", "retention", "accuracy"):
         agg[name] = mean_std([_measure(r, name) for r in ok])
+        by_seed[name] = {r["seed"]: _measure(r, name) for r in ok if _measure(r, name) is not None}
     agg["accuracy_n"] = max((r["measures"].get("accuracy", {}).get("n", 0) for r in ok), default=0)
     before = base.get("retention", {}).get("loss")
-    agg["forgetting"] = mean_std([_measure(r, "retention") - before for r in ok
-                                  if before is not None and _measure(r, "retention") is not None])
+    by_seed["forgetting"] = {} if before is None else {s: v - before for s, v in by_seed["retention"].items()}
+    agg["forgetting"] = mean_std(list(by_seed["forgetting"].values()))
+    agg["by_seed"] = by_seed  # measure -> {seed: value}: the pairs of the paired rule
     agg["wall"] = mean_std([r["summary"]["wall_time_s"] for r in ok if r.get("summary")])
     agg["peak_mb"] = mean_std([r["summary"]["peak_memory_mb"] for r in ok if r.get("summary")])
     agg["params"] = next((r["summary"]["trainable_parameters"] for r in ok if r.get("summary")), None)
@@ -95,12 +107,23 @@ def noise(a: tuple, b: tuple, n_items: int = 0) -> float | None:
     return None if se_a is None or se_b is None else 2 * math.sqrt(se_a ** 2 + se_b ** 2)
 
 
-def compare(a: tuple, b: tuple, higher_better: bool, n_items: int = 0, margin: float = 0.0) -> tuple[str, float | None]:
-    """Verdict on "a is better than b" (see the module docstring) and a - b."""
+def paired_noise(a_by_seed: dict[int, float], b_by_seed: dict[int, float]) -> float | None:
+    """2 std(d) / sqrt(n) of the per-seed differences d_s = a_s - b_s; None unless both ran
+    the same 2 or more seeds."""
+    if set(a_by_seed) != set(b_by_seed) or len(a_by_seed) < 2:
+        return None
+    d = [a_by_seed[s] - b_by_seed[s] for s in sorted(a_by_seed)]
+    return 2 * statistics.stdev(d) / math.sqrt(len(d))
+
+
+def compare(a: tuple, b: tuple, higher_better: bool, n_items: int = 0, margin: float = 0.0,
+            band: float | None = None) -> tuple[str, float | None]:
+    """Verdict on "a is better than b" (see the module docstring) and a - b; ``band``: the
+    paired noise where there is one, else the unpaired one is used."""
     if a[0] is None or b[0] is None:
         return "missing", None
     diff = a[0] - b[0]
-    band = noise(a, b, n_items)
+    band = noise(a, b, n_items) if band is None else band
     if band is None:
         return "inconclusive", diff  # one run each, no noise estimate
     gain = diff if higher_better else -diff

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from claims import MARGIN, combine, compare, fmt, noise
+from claims import MARGIN, combine, compare, fmt, noise, paired_noise
 
 OTHERS = ("lora", "dora", "pissa")
 NAMES = {"lora": "LoRA", "dora": "DoRA", "pissa": "PiSSA", "dude": "DuDe"}
@@ -41,11 +41,17 @@ def pairwise(main: dict[str, dict], claimant: str, measure: str, vs: tuple[str, 
         # the margin is relative to the compared method's own value (losses: its retention/held-out loss)
         ref = (margin_of or {}).get(m, b[measure][0])
         n_items = a.get("accuracy_n", 0) if measure == "accuracy" else 0
-        v, diff = compare(a[measure], b[measure], higher, n_items, _margin(kind, ref))
+        paired = None if n_items else paired_noise(a.get("by_seed", {}).get(measure, {}),
+                                                   b.get("by_seed", {}).get(measure, {}))
+        v, diff = compare(a[measure], b[measure], higher, n_items, _margin(kind, ref), band=paired)
         verdicts.append(v)
         band = noise(a[measure], b[measure], n_items)
         num = spec.lstrip("+")
-        why = f", 2 SE {band * scale:{num}}" if band is not None else ", one seed: no noise estimate"
+        if paired is not None:
+            unpaired = compare(a[measure], b[measure], higher, n_items, _margin(kind, ref))[0]
+            why = f", 2 SE {paired * scale:{num}} paired by seed; unpaired 2 SE {band * scale:{num}}: {unpaired}"
+        else:
+            why = f", 2 SE {band * scale:{num}}" if band is not None else ", one seed: no noise estimate"
         parts.append(f"{m} {fmt(b[measure], spec, scale)} ({v}: diff {diff * scale:+{num}}{why})")
     return combine(verdicts), f"{claimant} {fmt(a[measure], spec, scale)} vs " + "; ".join(parts) + f" [{unit}]"
 
