@@ -206,7 +206,9 @@ def write_report(study: Any, path: Path) -> None:
     out += ["", "Rule: a difference counts when it exceeds twice its standard error: of the per-seed differences "
             "where both methods ran the same seeds (runs of one seed share their data order: *paired by seed*), "
             "else seed-to-seed (for accuracy the binomial error where larger). The paired error became the rule after "
-            "two of the three main seeds had run; each comparison gives the unpaired verdict beside it. *does not hold* = the opposite beyond that noise, or a gain that even at "
+            "two of the three main seeds had run; each comparison gives the unpaired verdict beside it. With 3 seeds, 2 SE "
+            "is looser than a t-test (4.3 SE at 2 degrees of freedom); the numbers column gives every band, so a "
+            "stricter reader can apply their own. *does not hold* = the opposite beyond that noise, or a gain that even at "
             "the top of its noise band stays below 1% of the other method's loss (5% of its steps, 1 accuracy "
             "point); *inconclusive* = the noise is too wide to tell; *missing* = runs not finished.", ""]
     out += setup_lines(study) + ["## Learning-rate sweep", ""] + sweep_table(study)
