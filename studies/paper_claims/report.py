@@ -172,6 +172,9 @@ def control_lines(study: Any, data: dict) -> list[str]:
                      f"{fmt(tuned['id'], '.4f')}. If the matched-lr {pair[0]} sits at {pair[1]}'s value, the update "
                      f"size explains the difference; if it sits at tuned {pair[0]}'s or beyond, it does not (see the "
                      "last verdict row).")
+        lines.append(f"Forgetting (retention loss rise, the same question for the other measure): {pair[0]} at "
+                     f"matched lr {fmt(c['forgetting'], '+.4f')}; {pair[1]} (tuned) {fmt(matched['forgetting'], '+.4f')}; "
+                     f"{pair[0]} (tuned) {fmt(tuned['forgetting'], '+.4f')}.")
     return lines + [""]
 
 
