@@ -79,7 +79,7 @@ def study_cpu_hours(units: dict, study, n_train: int, sizes: dict[str, int], ext
     """CPU hours of ``study`` from measured unit costs: training steps per method, loss
     evaluation per example, generation per problem. ``extensions``: extra sweep runs
     expected from grid extensions (each a full run of an average method)."""
-    from plan import NEEDS
+    from plan import measures_of
 
     steps = study.budget.train_steps(n_train)
     scale = study.budget.batch_size / units.get("batch_size", study.budget.batch_size)  # cost ~ examples per step
@@ -89,9 +89,8 @@ def study_cpu_hours(units: dict, study, n_train: int, sizes: dict[str, int], ext
     n_acc = min(sizes["id"], study.budget.accuracy_limit or 10 ** 9)
 
     def measures(phase: str, seed: int = 0) -> float:
-        generates = "accuracy" in NEEDS[phase] and (study.budget.accuracy_seeds is None
-                                                    or seed in study.budget.accuracy_seeds)
-        return sum(sizes[m] * per_loss for m in NEEDS[phase] if m != "accuracy") + (n_acc * per_gen if generates else 0.0)
+        wanted = measures_of(study, phase, seed)
+        return sum(sizes[m] * per_loss for m in wanted if m != "accuracy") + n_acc * per_gen * ("accuracy" in wanted)
 
     mean_step = sum(step.values()) / len(step)
     n_grid = sum(len(g) for g in study.lr_grid.values())

@@ -155,11 +155,18 @@ def train_config(study: StudyConfig, method: str, lr: float, seed: int, r: int, 
                        eval=EvalConfig(tasks=[]))  # measured by measures.py, not by dude train's eval
 
 
+def measures_of(study: StudyConfig, phase: str, seed: int = 0) -> list[str]:
+    """The measures a run of ``phase`` and ``seed`` needs: ``NEEDS[phase]``, accuracy only on
+    ``budget.accuracy_seeds``."""
+    seeds = study.budget.accuracy_seeds
+    return [m for m in NEEDS[phase] if m != "accuracy" or seeds is None or seed in seeds]
+
+
 def measure_request(study: StudyConfig, data_dir: Path, phase: str, seed: int = 0) -> dict[str, Any]:
     """What ``measures.py`` computes for a run of ``phase`` and ``seed`` (written into the run folder)."""
     b = study.budget
-    generates = b.accuracy_seeds is None or seed in b.accuracy_seeds
-    return {"measures": [m for m in NEEDS[phase] if m != "accuracy" or generates], "files": {k: str(v) for k, v in data_files(study, data_dir).items()},
+    return {"measures": measures_of(study, phase, seed),
+            "files": {k: str(v) for k, v in data_files(study, data_dir).items()},
             "max_length": b.max_length, "retention_max_length": b.retention_max_length,
             "eval_batch": b.eval_batch, "gen_batch": b.gen_batch,
             "max_new_tokens": b.max_new_tokens, "accuracy_limit": b.accuracy_limit, "limits": b.limits}
@@ -234,8 +241,8 @@ LR_GRID = {"lora": [1e-3, 3e-3, 1e-2], "dora": [1e-3, 3e-3, 1e-2],
            "pissa": [1e-4, 3e-4, 1e-3], "dude": [1e-4, 3e-4, 1e-3]}
 
 FULL = StudyConfig(name="full", lr_grid=LR_GRID, budget=Budget(
-    cut=GsmCut(train_per=3, val_per=1, id_per=6, ood_per=3), batch_size=2, accuracy_limit=60, accuracy_seeds=[0],
-    limits={"retention": 141}),  # a seeded half of the 282 MMLU-dev explanations
+    cut=GsmCut(train_per=3, val_per=1, id_per=6, ood_per=3), batch_size=2, accuracy_limit=60,
+    accuracy_seeds=[0], limits={"retention": 141}),  # a seeded half of the 282 MMLU-dev explanations
     rank_methods=("lora", "pissa", "dude"))
 
 # A plumbing check: LoRA vs DuDe (control matched to DuDe), a few steps, small eval sets.

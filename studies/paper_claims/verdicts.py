@@ -48,7 +48,7 @@ def pairwise(main: dict[str, dict], claimant: str, measure: str, vs: tuple[str, 
         band = noise(a[measure], b[measure], n_items)
         num = spec.lstrip("+")
         if paired is not None:
-            unpaired = compare(a[measure], b[measure], higher, n_items, _margin(kind, ref))[0]
+            unpaired = compare(a[measure], b[measure], higher, n_items, _margin(kind, ref), band=band)[0]
             why = f", 2 SE {paired * scale:{num}} paired by seed; unpaired 2 SE {band * scale:{num}}: {unpaired}"
         else:
             why = f", 2 SE {band * scale:{num}}" if band is not None else ", one seed: no noise estimate"
