@@ -24,7 +24,7 @@ from claims import aggregate, compare, paired_noise, steps_to  # noqa: E402
 from data import GsmCut, retention_rows  # noqa: E402
 from measures import fingerprint  # noqa: E402
 from plan import (FULL, NEEDS, Budget, StudyConfig, config_key, data_files, ladder, measure_request, n_train,  # noqa: E402
-                  saved_key, sweep_grid, train_config)
+                  rank_runs_per_method, saved_key, sweep_grid, train_config)
 from report import write_report  # noqa: E402
 from runner import Study, finished  # noqa: E402
 
@@ -212,7 +212,8 @@ def _total(study: StudyConfig) -> int:
     """Distinct items of the fake study: base, calib, sweep (each grid gains a rung), main
     seeds 1-2, control seeds, rank runs."""
     sweep = sum(len(g) + 1 for g in study.lr_grid.values())  # each fake minimum is one rung past an edge
-    return 2 + sweep + 4 * (len(study.seeds) - 1) + len(study.seeds) + 4 * (len(study.ranks) - 1)
+    return (2 + sweep + 4 * (len(study.seeds) - 1) + len(study.seeds)
+            + len(study.rank_methods) * rank_runs_per_method(study))
 
 
 def test_study_runs_once_resumes_and_reports(tmp_path):
@@ -261,6 +262,38 @@ def test_study_runs_once_resumes_and_reports(tmp_path):
     assert "**holds**" in row("| Higher greedy accuracy")
     assert "**holds**" in row("| PiSSA's difference from LoRA")  # the fake's LoRA ignores its lr
     assert "k = **4**" in text and "| lora @ matched lr (control) | 0.0012 | 3 |" in text
+
+
+def test_rank_lr_rungs_add_runs_and_the_validation_loss_picks_the_one_that_counts(tmp_path):
+    """An lr tuned at r=16 need not suit r=64: ``rank_lr_rungs`` trains each rank method one
+    rung lower there too, and the rank table and the rank verdict take the run of lower
+    validation loss, whichever lr it has."""
+    config = dataclasses.replace(TINY, rank_lr_rungs={64: (-1,)})
+
+    class LowerAt64(FakeRunner):  # at r=64 the fake's best lr is one rung below its r=16 best
+        def __call__(self, item, out: Path) -> bool:
+            ok = super().__call__(item, out)
+            if item.record.get("r") == 64:
+                done = json.loads((out / "measures.json").read_text())
+                lower = item.record["lr"] < BEST[item.record["method"]]
+                done["val"]["loss"], done["id"]["loss"] = (0.9, 0.40) if lower else (1.1, 0.70)
+                (out / "measures.json").write_text(json.dumps(done))
+            return ok
+
+    fake = LowerAt64()
+    study = Study(config, tmp_path, runner=fake, log=lambda m: None)
+    study.run()
+    assert len({c["key"] for c in fake.calls}) == _total(config) == _total(TINY) + 4
+    at_64 = {(c["method"], c["lr"]) for c in fake.calls if c["phase"] == "rank" and c["r"] == 64}
+    assert at_64 == {(m, lr) for m in BEST for lr in (BEST[m], ladder(BEST[m], -1))}
+
+    write_report(study, tmp_path / "REPORT.md")
+    text = (tmp_path / "REPORT.md").read_text()
+    row = lambda start: next(x for x in text.splitlines() if x.startswith(start))  # noqa: E731
+    lower = ladder(BEST["dude"], -1)
+    assert row("| dude | 64 |") == f"| dude | 64 | {lower:g}: 0.9000 / 0.4000* | {BEST['dude']:g}: 1.1000 / 0.7000 |"
+    assert row("| dude | 0.5000 / ").endswith("| 0.4000 / - / - |")  # the rank table: r=64's chosen run
+    assert "dude 0.1000" in row("| More robust across ranks")  # range 0.50 - 0.40, not 0.70 - 0.50
 
 
 def test_parallel_workers_respect_the_sweep(tmp_path):

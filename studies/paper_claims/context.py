@@ -40,7 +40,10 @@ def setup_lines(study: Any) -> list[str]:
             "cosine to 0, clip 1.0, no weight decay; the same for every method.",
             "- **lr**: a per-method grid on the half-decade ladder, extended past an edge winner (see the sweep).",
             f"- **Main comparison**: each method at its best lr, seeds {s.seeds}; **rank ablation**: r in {s.ranks} "
-            "(alpha = r), seed 0.",
+            "(alpha = r), seed 0, at the r=16 best lr" + "".join(
+                f"; at r={r} also at the lr {' and '.join(f'{abs(k)} rung{"s" * (abs(k) > 1)} {"higher" if k > 0 else "lower"}' for k in rungs)}"
+                " on the ladder, the validation loss picking"
+                for r, rungs in s.rank_lr_rungs.items()) + ".",
             "- **Measures**: response loss (teacher-forced, answer tokens only, token-weighted mean) of the "
             "validation, in-distribution and out-of-distribution sets; forgetting = retention loss after - before; "
             f"convergence = first step whose {window(steps)}-step trailing mean of the training loss reaches LoRA's "

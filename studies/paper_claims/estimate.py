@@ -79,7 +79,7 @@ def study_cpu_hours(units: dict, study, n_train: int, sizes: dict[str, int], ext
     """CPU hours of ``study`` from measured unit costs: training steps per method, loss
     evaluation per example, generation per problem. ``extensions``: extra sweep runs
     expected from grid extensions (each a full run of an average method)."""
-    from plan import measures_of
+    from plan import measures_of, rank_runs_per_method
 
     steps = study.budget.train_steps(n_train)
     scale = study.budget.batch_size / units.get("batch_size", study.budget.batch_size)  # cost ~ examples per step
@@ -94,7 +94,7 @@ def study_cpu_hours(units: dict, study, n_train: int, sizes: dict[str, int], ext
 
     mean_step = sum(step.values()) / len(step)
     n_grid = sum(len(g) for g in study.lr_grid.values())
-    n_rank = len([r for r in study.ranks if r != study.r])
+    n_rank = rank_runs_per_method(study)
     parts = {
         "sweep": sum(len(study.lr_grid[m]) * (steps * step[m] + measures("sweep")) for m in study.methods)
         + extensions * (steps * mean_step + measures("sweep")),

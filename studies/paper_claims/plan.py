@@ -14,7 +14,9 @@ templates), plus the MMLU-dev explanations as retention text. Phases:
 3. ``control``: LoRA at ``k`` times the best PiSSA lr, where ``k`` matches PiSSA's first
    AdamW step (``control.py``, a ``calib`` item), seeds ``seeds``.
 4. ``rank``: each of ``rank_methods`` at its best lr, seed 0, r in ``ranks`` (alpha = r), the
-   in-distribution loss.
+   in-distribution loss; at the ranks of ``rank_lr_rungs`` also at the lrs those rungs away
+   (``ladder``), the validation loss picking the run that counts (an lr tuned at r=16 need
+   not suit r=64).
 
 A run is a ``dude train`` config; its key is a hash of the resolved config (minus output
 options) and of the data files it reads (``config_key``).
@@ -30,8 +32,10 @@ CPU time, measured by ``estimate.py`` on an idle machine (``estimate.json``, 202
 19:59 UTC, one thread, load average 0.7-1.3): a training step of 2 examples 4.9 (LoRA) /
 5.1 (DoRA) / 4.7 (PiSSA) / 4.9 (DuDe) CPU-s, so a run of 105 steps ~8.6 CPU-min; response
 loss 1.0 CPU-s per problem, greedy generation 3.7 CPU-s per problem. ``estimate.py
---from-json``: 31 training runs (2 grid extensions assumed), **~8.9 CPU-h** (sweep 2.3, main
-3.75, control 0.9, rank 1.6, base 0.3), ~4.5 h wall with ``--jobs 2``. Over the issue's ~6 h:
+--from-json``: 34 training runs (2 grid extensions assumed), **~9.9 CPU-h** (sweep 2.3, main
+3.75, control 0.9, rank 2.6, base 0.3), ~5 h wall with ``--jobs 2``; the rank phase was 1.6
+before its r=64 lr check (3 runs and the validation loss of every rank run) was added, once
+the r=64 runs at the r=16 lrs had shown PiSSA and DuDe worse than at r=16. Over the issue's ~6 h:
 31 epochs of training alone are 4.4 CPU-h, and the held-out sets are as small as the
 verdicts allow (>= 400 in-distribution items). Resumable at any point (the cache, and a
 checkpoint every 15 steps inside a run).
@@ -59,7 +63,7 @@ LOSS_MEASURES = ("val", "id", "ood", "retention")
 TEST_MEASURES = ("id", "ood", "retention")
 # what each phase measures: the validation loss picks lrs (sweep); the test sets judge the claims
 NEEDS = {"base": (*LOSS_MEASURES, "accuracy"), "sweep": ("val",), "main": (*TEST_MEASURES, "accuracy"),
-         "control": ("id", "retention"), "rank": ("id",)}
+         "control": ("id", "retention"), "rank": ("val", "id")}
 # Options that do not change what a run computes: left out of the cache key.
 VOLATILE = {"run": ("output_dir", "resume", "overwrite", "progress", "save_every", "keep_checkpoints"),
             "target": ("output_dir", "overwrite")}
@@ -96,6 +100,7 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     ranks: list[int] = field(default_factory=lambda: [4, 16, 64])
     rank_methods: tuple[str, ...] = METHODS  # trained at the other ranks (r is the main runs')
+    rank_lr_rungs: dict[int, tuple[int, ...]] = field(default_factory=dict)  # rank -> more lrs, in ladder rungs
     r: int = 16
     control: tuple[str, str] | None = ("lora", "pissa")  # (trained method, method whose first step it matches)
 
@@ -120,6 +125,11 @@ def sweep_grid(initial: list[float], loss_of: Callable[[float], float | None],
         grid = [ladder(best, -1)] + grid if best == grid[0] else grid + [ladder(best, +1)]
         extensions += 1
     return grid, False
+
+
+def rank_runs_per_method(study: StudyConfig) -> int:
+    """Rank-ablation runs of each of ``rank_methods``: one per rank other than ``r``, one per extra lr rung."""
+    return len([r for r in study.ranks if r != study.r]) + sum(len(rungs) for rungs in study.rank_lr_rungs.values())
 
 
 def adapter_config(method: str, r: int, seed: int) -> AdapterConfig:
@@ -243,7 +253,10 @@ LR_GRID = {"lora": [1e-3, 3e-3, 1e-2], "dora": [1e-3, 3e-3, 1e-2],
 FULL = StudyConfig(name="full", lr_grid=LR_GRID, budget=Budget(
     cut=GsmCut(train_per=3, val_per=1, id_per=6, ood_per=3), batch_size=2, accuracy_limit=60,
     accuracy_seeds=[0], limits={"retention": 141}),  # a seeded half of the 282 MMLU-dev explanations
-    rank_methods=("lora", "pissa", "dude"))
+    # r=64 at the r=16 lrs left PiSSA and DuDe worse than at r=16 (ID 0.529, 0.521 vs 0.444)
+    # while LoRA improved (0.444 vs 0.479): one rung lower for every rank method tells an lr
+    # that does not transfer from a rank that does not help (added after those runs).
+    rank_methods=("lora", "pissa", "dude"), rank_lr_rungs={64: (-1,)})
 
 # A plumbing check: LoRA vs DuDe (control matched to DuDe), a few steps, small eval sets.
 QUICK = StudyConfig(

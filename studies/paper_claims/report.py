@@ -35,15 +35,28 @@ def collect(study: Any) -> dict[str, Any]:
     calib = _by(rows, phase="calib")
     out["ratio"] = calib[0]["ratio"] if calib else None
     ranks: dict[str, dict[int, dict]] = {}
+    tried: dict[str, dict[int, list[dict]]] = {}  # the rank runs of more than one lr, each aggregated
     for m in s.methods:
-        by_r = {r["r"]: aggregate([r], base, target) for r in _by(rows, phase="rank", method=m)}
+        runs = _by(rows, phase="rank", method=m)
+        by_r = {}
+        for r in sorted({x["r"] for x in runs}):
+            at_r = sorted(_by(runs, r=r), key=lambda x: x["lr"])
+            by_r[r] = aggregate([min(at_r, key=_val_loss)], base, target)
+            if len(at_r) > 1:
+                tried.setdefault(m, {})[r] = [aggregate([x], base, target) for x in at_r]
         seed0 = _by(main, method=m, seed=0)
         if seed0:
             by_r[s.r] = aggregate(seed0, base, target)
         if by_r:
             ranks[m] = dict(sorted(by_r.items()))
-    out["rank"] = ranks
+    out["rank"], out["rank_tried"] = ranks, tried
     return out
+
+
+def _val_loss(run: dict) -> float:
+    """The validation loss that picks among a rank's lrs (inf: diverged or not measured)."""
+    val = run["measures"].get("val")
+    return math.inf if run.get("diverged") or val is None else val["loss"]
 
 
 def plot_curves(rows: list[dict], path: Path, target: float | None, title: str) -> bool:
@@ -152,7 +165,20 @@ def rank_table(data: dict) -> list[str]:
         cells = [(f"{fmt(by_r[r]['id'], '.4f')} / {fmt(by_r[r]['ood'], '.4f')} / {fmt(by_r[r]['forgetting'], '+.4f')}")
                  if r in by_r else "-" for r in rs]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return lines + ["", "Seed 0, each method at its r=16 best lr, alpha = r (so the scale s = 1 at every r).", ""]
+    lines += ["", "Seed 0, alpha = r (so the scale s = 1 at every r), each method at its r=16 best lr or, where "
+              "more lrs ran at a rank (below), the one of lower validation loss.", ""]
+    tried = data.get("rank_tried", {})
+    if tried:
+        n = max(len(aggs) for by_r in tried.values() for aggs in by_r.values())
+        lines += ["Learning rates tried at a rank (validation loss / in-distribution loss; * = the run that counts):", "",
+                  "| method | r | " + " | ".join(f"lr #{i + 1}" for i in range(n)) + " |", "|---" * (2 + n) + "|"]
+        for m, by_r in tried.items():
+            for r, aggs in by_r.items():
+                cells = [f"{a['lr']:g}: {fmt(a['val'], '.4f')} / {fmt(a['id'], '.4f')}"
+                         + ("*" if a["lr"] == ranks[m][r]["lr"] else "") for a in aggs]
+                lines.append(f"| {m} | {r} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def control_lines(study: Any, data: dict) -> list[str]:

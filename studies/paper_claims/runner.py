@@ -31,8 +31,8 @@ from dude.train.checkpoint import list_checkpoints
 from dude.train.options import to_dict
 
 from measures import measured
-from plan import (StudyConfig, base_key, calib_key, calib_request, config_key, measure_request, sweep_grid,
-                  train_config, with_output)
+from plan import (StudyConfig, base_key, calib_key, calib_request, config_key, ladder, measure_request,
+                  rank_runs_per_method, sweep_grid, train_config, with_output)
 
 HERE = Path(__file__).resolve().parent
 SAVE_EVERY = 15  # steps between checkpoints: a pause loses at most this many steps per run
@@ -213,6 +213,8 @@ class Study:
             items += [self._train_item("control", s.control[0], lr_c, seed, r) for seed in s.seeds]
         items += [self._train_item("rank", m, best[m], 0, rank) for rank in s.ranks if rank != r
                   for m in s.rank_methods if m in best]
+        items += [self._train_item("rank", m, ladder(best[m], rung), 0, rank) for rank, rungs in s.rank_lr_rungs.items()
+                  for rung in rungs for m in s.rank_methods if m in best]
         return items
 
     def _do(self, item: Item) -> None:
@@ -269,7 +271,7 @@ class Study:
         """Planned items not finished, plus what still waits for a sweep."""
         out = [dict(i.record, key=i.key) for i in self.plan() if not finished(self.runs_dir / i.key, i)]
         best = self.best_lrs()
-        n_rank = len([r for r in self.study.ranks if r != self.study.r])
+        n_rank = rank_runs_per_method(self.study)
         n_later = {m: len(self.study.seeds) - 1 + n_rank * (m in self.study.rank_methods) for m in self.study.methods}
         out += [{"phase": "main+rank", "method": m, "count": n_later[m],
                  "note": f"{n_later[m]} main/rank runs, not planned yet: they wait for this method's lr sweep"}
