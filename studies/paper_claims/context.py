@@ -41,8 +41,7 @@ def setup_lines(study: Any) -> list[str]:
             "- **lr**: a per-method grid on the half-decade ladder, extended past an edge winner (see the sweep).",
             f"- **Main comparison**: each method at its best lr, seeds {s.seeds}; **rank ablation**: r in {s.ranks} "
             "(alpha = r), seed 0, at the r=16 best lr" + "".join(
-                f"; at r={r} also at the lr {' and '.join(f'{abs(k)} rung{"s" * (abs(k) > 1)} {"higher" if k > 0 else "lower"}' for k in rungs)}"
-                " on the ladder, the validation loss picking"
+                f"; at r={r} also at the lr {' and '.join(map(_rungs, rungs))} on the ladder, the validation loss picking"
                 for r, rungs in s.rank_lr_rungs.items()) + ".",
             "- **Measures**: response loss (teacher-forced, answer tokens only, token-weighted mean) of the "
             "validation, in-distribution and out-of-distribution sets; forgetting = retention loss after - before; "
@@ -78,3 +77,7 @@ def context_lines() -> list[str]:
         command = "compare" if path.name.startswith("compare") else "train"
         lines.append(f"- `dude {command} --config configs/paper/{path.name}`")
     return lines + [""]
+
+
+def _rungs(k: int) -> str:
+    return f"{abs(k)} rung{'s' * (abs(k) > 1)} {'higher' if k > 0 else 'lower'}"
