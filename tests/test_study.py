@@ -294,6 +294,8 @@ def test_rank_lr_rungs_add_runs_and_the_validation_loss_picks_the_one_that_count
     assert row("| dude | 64 |") == f"| dude | 64 | {lower:g}: 0.9000 / 0.4000* | {BEST['dude']:g}: 1.1000 / 0.7000 |"
     assert row("| dude | 0.5000 / ").endswith("| 0.4000 / - / - |")  # the rank table: r=64's chosen run
     assert "dude 0.1000" in row("| More robust across ranks")  # range 0.50 - 0.40, not 0.70 - 0.50
+    assert row("DuDe - LoRA").startswith("DuDe - LoRA, in-distribution loss, at each rank: r=4 -0.1000, r=16 -0.1000, "
+                                         "r=64 +0.0000 ")
 
 
 def test_parallel_workers_respect_the_sweep(tmp_path):

@@ -167,6 +167,11 @@ def rank_table(data: dict) -> list[str]:
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "Seed 0, alpha = r (so the scale s = 1 at every r), each method at its r=16 best lr or, where "
               "more lrs ran at a rank (below), the one of lower validation loss.", ""]
+    gaps = [f"r={r} {ranks['dude'][r]['id'][0] - ranks['lora'][r]['id'][0]:+.4f}" for r in rs
+            if "dude" in ranks and "lora" in ranks and r in ranks["dude"] and r in ranks["lora"]]
+    if gaps:
+        lines += [f"DuDe - LoRA, in-distribution loss, at each rank: {', '.join(gaps)} (one seed each; the main "
+                  "comparison's seed-to-seed noise is in its table).", ""]
     tried = data.get("rank_tried", {})
     if tried:
         n = max(len(aggs) for by_r in tried.values() for aggs in by_r.values())
