@@ -40,10 +40,10 @@ def collect(study: Any) -> dict[str, Any]:
         runs = _by(rows, phase="rank", method=m)
         by_r = {}
         for r in sorted({x["r"] for x in runs}):
-            at_r = sorted(_by(runs, r=r), key=lambda x: x["lr"])
-            by_r[r] = aggregate([min(at_r, key=_val_loss)], base, target)
+            at_r = [aggregate([x], base, target) for x in sorted(_by(runs, r=r), key=lambda x: x["lr"])]
+            by_r[r] = min(at_r, key=_val_loss)
             if len(at_r) > 1:
-                tried.setdefault(m, {})[r] = [aggregate([x], base, target) for x in at_r]
+                tried.setdefault(m, {})[r] = at_r
         seed0 = _by(main, method=m, seed=0)
         if seed0:
             by_r[s.r] = aggregate(seed0, base, target)
@@ -53,10 +53,9 @@ def collect(study: Any) -> dict[str, Any]:
     return out
 
 
-def _val_loss(run: dict) -> float:
+def _val_loss(agg: dict) -> float:
     """The validation loss that picks among a rank's lrs (inf: diverged or not measured)."""
-    val = run["measures"].get("val")
-    return math.inf if run.get("diverged") or val is None else val["loss"]
+    return math.inf if agg["val"][0] is None else agg["val"][0]
 
 
 def plot_curves(rows: list[dict], path: Path, target: float | None, title: str) -> bool:
