@@ -121,12 +121,17 @@ def test_compare_end_to_end(tmp_path, smollm2_dir, capsys):
                                                "dude-seed0", "lora-seed0", "loss_curves.png"}
     report = json.loads((out / "compare.json").read_text())
     assert set(report["methods"]) == {"lora", "dude"}
+    base = report["base_response_loss"]
+    assert set(base) == {"heldout_variants", "mmlu_explanations"}  # compare.base_tasks
     for m in report["methods"].values():
-        assert m["failed"] == 0 and m["final_loss"] is not None and m["steps_to_target"] is not None
-        assert m["mmlu_before"] is not None and m["retention"] == pytest.approx(m["mmlu_after"] - m["mmlu_before"])
-        assert m["peak_memory_mb"] > 100
+        assert m["failed"] == 0 and m["error"] is None and m["final_loss"] is not None
+        assert m["steps_to_target"] is not None and m["peak_memory_mb"] > 100
+        assert set(m["response_loss"]) == {"heldout_variants", "heldout", "mmlu_explanations"}
+        assert m["response_loss_change"]["mmlu_explanations"] == pytest.approx(
+            m["response_loss"]["mmlu_explanations"] - base["mmlu_explanations"])  # forgetting
     table = capsys.readouterr().out
     assert "| lora |" in table and "| dude |" in table
+    assert f"in-distribution loss (base {base['heldout_variants']:.3f})" in table and "out-of-distribution loss |" in table
     # --resume keeps finished runs and rebuilds the report without training again
     assert main(["compare", "--config", config, "--name-or-path", str(smollm2_dir), "--output-dir", str(out),
                  "--resume"]) == 0

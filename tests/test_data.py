@@ -1,4 +1,4 @@
-"""dude.data: the real tasks from packages, user files, and SFT tokenization."""
+"""dude.data: the real tasks shipped with dude, user files, and SFT tokenization."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ import pytest
 
 from dude.data import (IGNORE_INDEX, TASKS, build_sft_examples, collate_sft, load_task,
                        task_kind, template_split)
-from dude.data.gsm_symbolic import DATA_FILE, metadata
+from dude.cache import sha256_file
+from dude.data.gsm_symbolic import DATA_FILE, HELDOUT_VARIANTS, metadata
+from dude.train.config import DataConfig, EvalConfig
+
+DATA_DIR = DATA_FILE.parent
 
 
 def test_gsm_symbolic_file_records_its_source() -> None:
@@ -47,6 +51,36 @@ def test_gsm_symbolic_splits_share_no_template() -> None:
     assert len(capped) == 140
 
 
+def test_gsm_symbolic_heldout_variants_are_new_variants_of_the_trained_templates() -> None:
+    train, same = load_task("gsm_symbolic", "train"), load_task("gsm_symbolic", "heldout_variants")
+    assert len(same) == 70 * HELDOUT_VARIANTS and task_kind(same) == "math"
+    assert {ex["template_id"] for ex in same} == {ex["template_id"] for ex in train}  # in distribution
+    assert not {ex["question"] for ex in same} & {ex["question"] for ex in train}  # never trained on
+    assert not {ex["question"] for ex in same} & {ex["question"] for ex in load_task("gsm_symbolic", "test")}
+    assert load_task("gsm_symbolic", "heldout_variants") == same  # seeded
+    assert {ex["question"] for ex in load_task("gsm_symbolic", "heldout_variants", seed=1)} != \
+        {ex["question"] for ex in same}
+
+
+def test_shipped_files_are_listed_with_source_licence_and_checksum() -> None:
+    notice = (DATA_DIR / "LICENSES.md").read_text()
+    shipped = sorted(p.name for p in DATA_DIR.glob("*.jsonl.gz"))
+    assert shipped == ["gsm8k_cot_exemplars.jsonl.gz", "gsm_symbolic_eng.jsonl.gz", "mmlu_dev.jsonl.gz"]
+    for name in shipped:
+        assert f"`{name}`" in notice and sha256_file(DATA_DIR / name) in notice, name
+    assert notice.count("MIT License") >= 2  # lm-eval's and the GSM-symbolic package's, in full
+
+
+def test_shipped_tasks_load_with_pip_unreachable(monkeypatch) -> None:
+    def no_download(*args, **kwargs):
+        raise AssertionError("a shipped task tried to download")
+
+    monkeypatch.setattr("dude.cache.pip_download", no_download)
+    for name in TASKS:
+        if name != "file":
+            assert load_task(name, "test", limit=2), name
+
+
 def test_mmlu_dev_from_lm_eval() -> None:
     mmlu = load_task("mmlu_dev")
     assert len(mmlu) == 282 and task_kind(mmlu) == "multiple_choice"
@@ -57,6 +91,14 @@ def test_mmlu_dev_from_lm_eval() -> None:
     assert first["question"] and all(c for c in first["choices"])
 
 
+def test_mmlu_explanations_end_in_the_answer_of_their_question() -> None:
+    mmlu, explained = load_task("mmlu_dev"), load_task("mmlu_explanations")
+    assert len(explained) == 282 and task_kind(explained) == "instruction"
+    for question, text in zip(mmlu, explained):
+        assert question["question"] in text["prompt"] and text["prompt"].endswith("Answer:")
+        assert re.findall(r"answer is \(?([A-J])\)?", text["response"])[-1] == "ABCDEFGHIJ"[question["answer"]]
+
+
 def test_gsm8k_fewshot_exemplars() -> None:
     shots = load_task("gsm8k_fewshot")
     assert len(shots) == 8
@@ -64,19 +106,32 @@ def test_gsm8k_fewshot_exemplars() -> None:
     assert shots[0]["answer"].endswith("The answer is 6.\n#### 6")
 
 
-def test_bigbench_held_out_split() -> None:
-    train = load_task("bigbench_social_iqa", "train")
-    test = load_task("bigbench_social_iqa", "test")
-    assert len(train) + len(test) == 1954 and abs(len(test) - 0.2 * 1954) < 10
-    # social_iqa repeats 24 inputs with other choices: they stay on one side.
+@pytest.mark.parametrize("build", [
+    lambda: load_task("bigbench_social_iqa"),
+    lambda: DataConfig(task="bigbench_strategyqa"),
+    lambda: EvalConfig(tasks=["heldout", "bigbench_social_iqa"]),
+])
+def test_removed_bigbench_tasks_fail_in_one_line_naming_the_alternatives(build) -> None:
+    with pytest.raises(ValueError) as err:
+        build()
+    message = str(err.value)
+    assert "\n" not in message and "was removed" in message and "bigbench==1.0.0" in message
+    assert "--task file" in message and "gsm_symbolic" in message
+
+
+def test_held_out_keeps_a_repeated_question_on_one_side(tmp_path) -> None:
+    rows = [{"question": f"q{i % 40}", "choices": ["yes", "no", str(i)], "answer": i % 2} for i in range(60)]
+    path = _write_jsonl(tmp_path / "mc.jsonl", rows)
+    train = load_task("file", "train", path=path, test_fraction=0.25)
+    test = load_task("file", "test", path=path, test_fraction=0.25)
+    assert len(train) + len(test) == 60 and len({ex["question"] for ex in test}) == 10
     assert not {ex["question"] for ex in train} & {ex["question"] for ex in test}
-    assert load_task("bigbench_social_iqa", "test") == test  # seeded
+    assert load_task("file", "test", path=path, test_fraction=0.25) == test  # seeded
     assert task_kind(test) == "multiple_choice"
-    assert all(len(ex["choices"]) in (2, 3) and 0 <= ex["answer"] < 3 for ex in test)
 
 
 def test_unknown_task_and_split_name_the_choices() -> None:
-    with pytest.raises(ValueError, match="unknown task 'gsm9k'.*gsm_symbolic.*bigbench_social_iqa"):
+    with pytest.raises(ValueError, match="unknown task 'gsm9k'.*gsm_symbolic.*mmlu_explanations"):
         load_task("gsm9k")
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         load_task("gsm_symbolic", "dev")

@@ -241,5 +241,6 @@ def test_compare_reports_the_response_loss_of_a_text_held_out_set(tmp_path, smol
     assert f"{base:.3f}" != f"{after:.3f}"  # the column shows the run's loss, not the base's
     table = (out / "compare.md").read_text()
     assert f"held-out loss (base {base:.3f})" in table
-    assert table.splitlines()[2].split(" | ")[4] == f"{after:.3f}"
+    assert table.splitlines()[2].split(" | ")[4] == f"{after:.3f} ({after - base:+.3f})"
+    assert json.loads((out / "compare.json").read_text())["methods"]["lora"]["lr"] == 0.01  # --lr: one lr for all
     assert table in capsys.readouterr().out

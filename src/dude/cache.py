@@ -55,9 +55,9 @@ def pip_download(requirement: str, dest: Path, extra_args: tuple[str, ...] = ())
            "--disable-pip-version-check", "-q", requirement, "-d", str(dest), *extra_args]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"could not download {requirement!r} with pip (exit {proc.returncode}):\n"
-            f"{proc.stderr.strip()[-2000:]}")
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR:")]
+        cause = (errors or proc.stderr.strip().splitlines() or ["no message"])[-1].removeprefix("ERROR: ")
+        raise RuntimeError(f"pip could not download {requirement} (exit {proc.returncode}): {cause}")
     files = [p for p in dest.iterdir() if p.is_file()]
     if len(files) != 1:
         raise RuntimeError(f"pip download of {requirement!r} produced {files}, expected one file")

@@ -82,11 +82,16 @@ def _runner(command: str) -> Callable[[Any], Any]:
 
 def _defaults_for(command: str) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
     """Defaults that depend on the given options: ``dude eval`` of a run folder reads the
-    run's data options, so that eval set 'heldout' is the rows that run held out."""
+    run's data options, so that eval set 'heldout' is the rows that run held out; ``dude
+    compare`` takes a given lr for every method, and scores the sets its task has."""
     if command == "eval":
         from .train.commands import run_defaults
 
         return run_defaults
+    if command == "compare":
+        from .compare.config import compare_defaults
+
+        return compare_defaults
     return None
 
 
@@ -126,13 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"dude {args.command}: resolved config\n" + "\n".join("  " + line for line in text.splitlines()),
               file=sys.stderr)
+    from .compare.runner import RunsFailed
+    from .hub import ModelFetchError
     from .train import TrainingDiverged
 
     try:
         _runner(args.command)(config)
-    except TrainingDiverged as err:
+    except (TrainingDiverged, RunsFailed) as err:
         print(f"dude {args.command}: {err}", file=sys.stderr)
         return 1
+    except ModelFetchError as err:
+        print(f"dude {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as err:  # OSError: also a path under a file, no permission, a full disk
         if os.environ.get("DUDE_DEBUG"):
             raise

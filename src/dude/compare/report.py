@@ -51,7 +51,8 @@ def build(cfg: CompareConfig, root: Path, runs: list[dict[str, Any]], base_code:
         run["summary"] = _read_json(out / "summary.json")
         evaluation = _read_json(out / "eval.json")
         run["accuracy"], run["response_loss"] = _scores(evaluation, "accuracy"), _scores(evaluation, "loss")
-        run["final_loss"] = run["smoothed"][-1] if run["smoothed"] and run["summary"] else None
+        finished = run["returncode"] == 0 and run["smoothed"] and run["summary"]  # trained and evaluated
+        run["final_loss"] = run["smoothed"][-1] if finished else None
     finished = [r for r in runs if r["final_loss"] is not None]
     target = cfg.compare.loss_target
     if target is None and finished:
@@ -88,9 +89,10 @@ def _aggregate(runs: list[dict[str, Any]], base: dict[str, dict[str, float]], cf
     response_loss, loss_deltas = _means(ok, "response_loss", base["response_loss"])
     retention = deltas.get("mmlu")  # "retention" is MMLU's accuracy change
     summaries = [r["summary"] for r in ok]
+    errors = [r.get("error") or "no metrics" for r in runs if r["final_loss"] is None]
     return {
         "lr": cfg.compare.lrs.get(runs[0]["method"], cfg.optim.lr) if runs else None,
-        "runs": len(runs), "failed": len(runs) - len(ok),
+        "runs": len(runs), "failed": len(runs) - len(ok), "error": errors[0] if errors else None,
         "final_loss": _mean([r["final_loss"] for r in ok]),
         "final_loss_std": statistics.stdev([r["final_loss"] for r in ok]) if len(ok) > 1 else None,
         "steps_to_target": _mean([r["steps_to_target"] for r in ok]),
@@ -108,37 +110,61 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _held_out_score(result: dict[str, Any]) -> tuple[str, str]:
-    """(column title, key) of the held-out score the table shows: the accuracy of a math or
-    choice set, else the response loss of a text set."""
-    losses = [result["base_response_loss"], *(m["response_loss"] for m in result["methods"].values())]
-    return ("held-out loss", "response_loss") if any("heldout" in r for r in losses) else ("held-out acc", "accuracy")
+def _label(name: str, task: str) -> str:
+    """A column title for eval set ``name`` of a comparison trained on ``task``."""
+    if name == "heldout_variants":
+        return "in-distribution"  # new variants of the trained templates
+    if name == "heldout":
+        return "out-of-distribution" if task == "gsm_symbolic" else "held-out"
+    return {"mmlu_explanations": "MMLU text", "mmlu": "MMLU", "gsm_original": "GSM8K originals"}.get(name, name)
+
+
+def _columns(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(eval set, key)`` of every score some method or the base has: response losses first
+    (the measure that separates the methods), then accuracies, in ``eval.tasks`` order."""
+    cfg = result["config"]
+    order = list(dict.fromkeys([*cfg["eval"]["tasks"], *cfg["compare"]["base_tasks"]]))
+    have = {key: {n for m in result["methods"].values() for n in m[key]} | set(result[f"base_{key}"])
+            for key in ("response_loss", "accuracy")}
+    return [(n, key) for key in ("response_loss", "accuracy") for n in order if n in have[key]]
 
 
 def table(result: dict[str, Any]) -> str:
-    """A Markdown table, one row per method."""
-    target = result["loss_target"]
-    held_title, held_key = _held_out_score(result)
-    base_held = result[f"base_{held_key}"].get("heldout")
-    held_name = held_title + (f" (base {base_held:.3f})" if base_held is not None else "")
-    header = ["method", "lr", "final loss", f"steps to {_fmt(target, '.3f')}", held_name,
-              "MMLU before -> after (retention)", "train time s", "peak MB"]
+    """A Markdown table, one row per method: training loss, steps to the target, each held-out
+    score with its change from the base model, time and memory; a failed method's reason."""
+    target, task = result["loss_target"], result["config"]["data"]["task"]
+    columns = _columns(result)
+    header = ["method", "lr", "final train loss", f"steps to {_fmt(target, '.3f')}"]
+    for name, key in columns:
+        base = result[f"base_{key}"].get(name)
+        title = f"{_label(name, task)} {'loss' if key == 'response_loss' else 'acc'}"
+        header.append(title + (f" (base {base:.3f})" if base is not None else ""))
+    header += ["train time s", "peak MB"]
     rows = [header, ["---"] * len(header)]
     for method, m in result["methods"].items():
         if m["final_loss"] is None:
-            rows.append([method, _fmt(m["lr"], "g"), "failed"] + ["-"] * (len(header) - 3))
+            reason = m.get("error") or "no metrics"
+            rows.append([method, _fmt(m["lr"], "g"), f"failed: {_short(reason)}"] + ["-"] * (len(header) - 3))
             continue
-        held = m[held_key].get("heldout")
-        retention = (f"{_fmt(m['mmlu_before'], '.3f')} -> {_fmt(m['mmlu_after'], '.3f')} "
-                     f"({_fmt(m['retention'], '+.3f')})") if m["mmlu_after"] is not None else "-"
         std = f" ± {m['final_loss_std']:.3f}" if m["final_loss_std"] is not None else ""
-        rows.append([method, _fmt(m["lr"], "g"), f"{m['final_loss']:.3f}{std}", _fmt(m["steps_to_target"], ".0f"),
-                     _fmt(held, ".3f"), retention, _fmt(m["train_wall_time_s"], ".0f"),
-                     _fmt(m["peak_memory_mb"], ".0f")])
+        row = [method, _fmt(m["lr"], "g"), f"{m['final_loss']:.3f}{std}", _fmt(m["steps_to_target"], ".0f")]
+        for name, key in columns:
+            change = m[f"{'response_loss' if key == 'response_loss' else 'accuracy'}_change"].get(name)
+            row.append(_fmt(m[key].get(name), ".3f") + (f" ({change:+.3f})" if change is not None else ""))
+        rows.append(row + [_fmt(m["train_wall_time_s"], ".0f"), _fmt(m["peak_memory_mb"], ".0f")])
     lines = ["| " + " | ".join(r) + " |" for r in rows]
-    note = (f"\nfinal loss: mean of the last {result['smooth']} steps; steps to target: first step whose "
-            f"{result['smooth']}-step mean reaches it; total wall time {result['wall_time_s']:.0f} s")
+    note = (f"\nfinal train loss: mean of the last {result['smooth']} steps; steps to target: first step whose "
+            f"{result['smooth']}-step mean reaches it; held-out scores: response loss (nats/token) or accuracy, "
+            f"(change from the base model); total wall time {result['wall_time_s']:.0f} s")
+    if result.get("base_error"):
+        note += f"\nthe base evaluation failed: {_short(result['base_error'])}"
     return "\n".join(lines) + note
+
+
+def _short(reason: str, width: int = 90) -> str:
+    """A reason that fits a table cell (compare.json keeps it whole)."""
+    reason = reason.replace("|", "/")
+    return reason if len(reason) <= width else reason[:width - 3] + "..."
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -13,6 +13,7 @@ from ..config import AdapterConfig
 from .options import opt
 
 DTYPES = ("float32", "bfloat16", "float16")
+EVAL_ALIASES = ("heldout", "heldout_variants", "gsm_original", "mmlu")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -34,8 +35,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = opt("gsm_symbolic", "training task: gsm_symbolic, bigbench_<name> (social_iqa, strategyqa, "
-                                    "date_understanding, elementary_math_qa, logical_deduction), or file")
+    task: str = opt("gsm_symbolic", "training task: gsm_symbolic (shipped), or file (your data: data.path)")
     path: str | None = opt(None, "task 'file': JSON/JSONL/parquet training file")
     eval_path: str | None = opt(None, "task 'file': held-out file of the same format (eval task 'heldout')")
     eval_fraction: float = opt(0.1, "task 'file' without eval_path: hold out this share of the file, seeded by "
@@ -50,8 +50,10 @@ class DataConfig:
     chat: bool | None = opt(None, "wrap prompts in the chat template (empty: when the tokenizer has one)")
 
     def __post_init__(self) -> None:
-        from ..data import FILE_FORMATS, TASKS
+        from ..data import FILE_FORMATS, TASKS, removed_task
 
+        if removed_task(self.task):
+            raise ValueError(f"data.task: {removed_task(self.task)}")
         if self.task not in TASKS:
             raise ValueError(f"data.task must be one of {list(TASKS)}, got {self.task!r}")
         if self.task == "file" and not self.path:
@@ -126,23 +128,35 @@ class RunConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: list[str] = opt([], "after training evaluate on: heldout (the task's held-out split), mmlu, "
-                               "gsm_original, file:<path> (any data file), or a task name; "
-                               "the flag with no value evaluates nothing")
-    limit: int | None = opt(None, "at most this many examples per eval set other than mmlu (empty: all)")
-    mmlu_limit: int | None = opt(None, "at most this many MMLU dev questions (empty: all 282)")
+    tasks: list[str] = opt([], "after training evaluate on: heldout (the task's held-out split; gsm_symbolic: "
+                               "templates never trained on), heldout_variants (gsm_symbolic: new variants of "
+                               "the trained templates), mmlu, mmlu_explanations, gsm_original, file:<path> "
+                               "(any data file), or a task name; the flag with no value evaluates nothing")
+    math_scores: list[str] = opt(["accuracy"], "how math sets are scored: accuracy (exact match of greedy "
+                                               "answers), loss (response loss of the worked solution, no "
+                                               "generation), or both")
+    loss_max_length: int | None = opt(None, "tokens per example of loss-scored sets; longer ones are cut "
+                                       "(empty: data.max_length)")
+    limit: int | None = opt(None, "at most this many examples per eval set other than the MMLU ones (empty: all)")
+    mmlu_limit: int | None = opt(None, "at most this many MMLU dev questions in mmlu and mmlu_explanations "
+                                       "(empty: all 282)")
     max_new_tokens: int = opt(256, "generation budget for math answers")
     batch_size: int = opt(8, "eval batch size")
 
     def __post_init__(self) -> None:
-        from ..data import TASKS
+        from ..data import TASKS, removed_task
 
-        known = ("heldout", "gsm_original", "mmlu", *(t for t in TASKS if t != "file"))
+        known = (*EVAL_ALIASES, *(t for t in TASKS if t != "file"))
+        removed = [removed_task(t) for t in self.tasks if removed_task(t)]
+        if removed:
+            raise ValueError(f"eval.tasks: {removed[0]}")
         bad = [t for t in self.tasks if t not in known and not (t.startswith("file:") and len(t) > 5)]
         if bad:
             raise ValueError(f"eval.tasks: unknown eval set(s) {bad}; use {list(known)} or file:<path>")
+        if not self.math_scores or set(self.math_scores) - {"accuracy", "loss"}:
+            raise ValueError(f"eval.math_scores must name accuracy and/or loss, got {self.math_scores}")
         _positive("eval", limit=self.limit, mmlu_limit=self.mmlu_limit, max_new_tokens=self.max_new_tokens,
-                  batch_size=self.batch_size)
+                  batch_size=self.batch_size, loss_max_length=self.loss_max_length)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Evaluate a model on the eval sets of ``eval.tasks``: math by exact match of greedy
-answers, multiple choice by the log-likelihood of the answer letter, text (instruction
-or conversation) by the loss on the response tokens (``dude.evaluate``)."""
+answers and/or the loss on the worked solution (``eval.math_scores``), multiple choice by
+the log-likelihood of the answer letter, text (instruction or conversation) by the loss
+on the response tokens (``dude.evaluate``)."""
 
 from __future__ import annotations
 
@@ -18,28 +19,17 @@ from .tasks import eval_examples
 def evaluate_tasks(cfg: EvalConfig, data: DataConfig, model: Any, tokenizer: Any,
                    log: bool = True) -> dict[str, Any]:
     """``{task: {"accuracy", "n", "correct", "seconds", ...}}``, predictions included; text
-    sets give ``{"loss", "perplexity", "n", "tokens", "seconds", ...}`` instead."""
-    from ..evaluate import evaluate_math, evaluate_multiple_choice, evaluate_response_loss
-
+    sets, and math sets scored by loss, give ``{"loss", "perplexity", "n", "tokens", ...}``
+    (both sets of fields for a math set scored both ways)."""
     was_training = model.training
     model.eval()
     results: dict[str, Any] = {}
     try:
         for name in cfg.tasks:
-            examples = eval_examples(name, data, cfg.mmlu_limit if name in ("mmlu", "mmlu_dev") else cfg.limit)
+            examples = eval_examples(name, data, cfg.mmlu_limit if name.startswith("mmlu") else cfg.limit)
             start = time.perf_counter()
             with torch.no_grad():
-                if task_kind(examples) == "math":
-                    result = evaluate_math(model, tokenizer, examples, batch_size=cfg.batch_size,
-                                           max_new_tokens=cfg.max_new_tokens, chat=data.chat)
-                elif task_kind(examples) == "multiple_choice":
-                    # MMLU is scored as plain text; a trained task in the format it was trained in
-                    chat = False if name in ("mmlu", "mmlu_dev") else use_chat(tokenizer, data.chat)
-                    result = evaluate_multiple_choice(model, tokenizer, examples, batch_size=cfg.batch_size,
-                                                      chat=chat)
-                else:
-                    result = evaluate_response_loss(model, tokenizer, examples, batch_size=cfg.batch_size,
-                                                    chat=data.chat, max_length=data.max_length)
+                result = _score_set(cfg, data, name, examples, model, tokenizer)
             result["seconds"] = round(time.perf_counter() - start, 2)
             results[name] = result
             if log:
@@ -49,10 +39,35 @@ def evaluate_tasks(cfg: EvalConfig, data: DataConfig, model: Any, tokenizer: Any
     return results
 
 
+def _score_set(cfg: EvalConfig, data: DataConfig, name: str, examples: list[dict], model: Any,
+               tokenizer: Any) -> dict[str, Any]:
+    """One eval set's result; a math set scored both ways holds both results' fields."""
+    from ..evaluate import evaluate_math, evaluate_multiple_choice, evaluate_response_loss
+
+    kind = task_kind(examples)
+    if kind == "multiple_choice":
+        # MMLU is scored as plain text; a trained task in the format it was trained in
+        chat = False if name in ("mmlu", "mmlu_dev") else use_chat(tokenizer, data.chat)
+        return evaluate_multiple_choice(model, tokenizer, examples, batch_size=cfg.batch_size, chat=chat)
+    result: dict[str, Any] = {}
+    if kind == "math" and "accuracy" in cfg.math_scores:
+        result = evaluate_math(model, tokenizer, examples, batch_size=cfg.batch_size,
+                               max_new_tokens=cfg.max_new_tokens, chat=data.chat)
+    if kind != "math" or "loss" in cfg.math_scores:
+        loss = evaluate_response_loss(model, tokenizer, examples, batch_size=cfg.batch_size, chat=data.chat,
+                                      max_length=cfg.loss_max_length or data.max_length)
+        result = {**loss, **result}
+    return result
+
+
 def _score(result: dict[str, Any]) -> str:
+    scores = []
     if "accuracy" in result:
-        return f"accuracy {result['accuracy']:.3f} ({result['correct']}/{result['n']})"
-    return f"response loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f}, {result['tokens']} tokens)"
+        scores.append(f"accuracy {result['accuracy']:.3f} ({result['correct']}/{result['n']})")
+    if "loss" in result:
+        scores.append(f"response loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f}, "
+                      f"{result['tokens']} tokens)")
+    return ", ".join(scores)
 
 
 def summary_table(results: dict[str, Any]) -> str:

@@ -146,7 +146,7 @@ def build(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
             if not isinstance(value, hint):
                 if not isinstance(value, dict):
                     raise ValueError(f"section {where}{name} must be a mapping of options, got {value!r}")
-                value = build(hint, merge(_default_values(fields[name]), value), f"{where}{name}.")
+                value = build(hint, {**_default_values(fields[name]), **value}, f"{where}{name}.")  # an option replaces its default whole
             kwargs[name] = value
         else:
             kwargs[name] = coerce(f"{where}{name}", value, hint)

@@ -3,17 +3,22 @@
 Eval set names (``eval.tasks``):
 
 - ``heldout``: the training task's held-out split: for ``gsm_symbolic`` variants of
-  templates never trained on; for ``bigbench_*`` the seeded test split; for ``file``
+  templates never trained on (out of distribution); for ``file``
   the file ``data.eval_path``, or without one the seeded ``data.eval_fraction`` of the
   training file that training leaves out (``dude eval`` of a run folder reads these
   options from the run's ``config.yaml``).
+- ``heldout_variants``: ``gsm_symbolic`` only: new variants of the trained templates,
+  never trained on (in distribution).
 - ``gsm_original``: the real GSM8K problems of the held-out templates.
-- ``mmlu``: the 282 MMLU dev questions (knowledge retention).
+- ``mmlu``: the 282 MMLU dev questions (knowledge retention, by accuracy).
+- ``mmlu_explanations``: the same questions with their worked explanations, scored by
+  response loss: text a math task does not teach (forgetting, after - before).
 - any task name of ``dude.data.TASKS``: its test split.
 - ``file:<path>``: a JSON/JSONL/parquet file in any format (from its columns), e.g.
   GSM8K's test set or MMLU's test set, where the user has them.
 
-Math sets are scored by exact match, multiple-choice sets by accuracy, text sets
+Math sets are scored by exact match of greedy answers and/or the loss on their worked
+solutions (``eval.math_scores``), multiple-choice sets by accuracy, text sets
 (instruction or conversation) by the loss on their response tokens.
 """
 
@@ -24,9 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..data import TASKS, build_sft_examples, collate_sft, describe, held_out, load_task, read_file
-from .config import DataConfig
-
-EVAL_ALIASES = ("heldout", "gsm_original", "mmlu")
+from .config import EVAL_ALIASES, DataConfig
 
 
 def _file_options(data: DataConfig) -> dict[str, Any]:
@@ -78,6 +81,11 @@ def eval_examples(name: str, data: DataConfig, limit: int | None) -> list[dict]:
             return load_task("file", "test", path=data.path, limit=limit, seed=data.split_seed,
                              test_fraction=data.eval_fraction, **_file_options(data))
         return load_task(data.task, "test", limit=limit, seed=data.split_seed)
+    if name == "heldout_variants":
+        if data.task != "gsm_symbolic":
+            raise ValueError(f"eval set 'heldout_variants' is for data.task gsm_symbolic, not {data.task!r}; "
+                             "use 'heldout'")
+        return load_task("gsm_symbolic", "heldout_variants", limit=limit, seed=data.split_seed)
     if name == "gsm_original":
         return load_task("gsm_symbolic", "test_original", limit=limit, seed=data.split_seed)
     if name == "mmlu":
@@ -100,6 +108,8 @@ def check_files(tasks: list[str], data: DataConfig) -> None:
         read_file(data.path, data.format, 1, data.columns or None)
     if "heldout" in tasks and data.task == "file" and not data.eval_path and not _split_file(data):
         eval_examples("heldout", data, 1)  # the error naming both ways out, before any training
+    if "heldout_variants" in tasks:
+        eval_examples("heldout_variants", data, 1)
     paths = [(t, t[len("file:"):]) for t in tasks if t.startswith("file:")]
     if "heldout" in tasks and data.task == "file" and data.eval_path:
         paths.append(("heldout", data.eval_path))
