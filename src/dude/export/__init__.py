@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -29,7 +30,11 @@ from torch import nn
 from . import fidelity, gguf_meta, gguf_write
 from .gguf_write import LOW_BIT, TYPES
 
-__all__ = ["TYPES", "export_gguf", "gguf_paths"]
+__all__ = ["TYPES", "LowFidelityWarning", "export_gguf", "gguf_paths"]
+
+
+class LowFidelityWarning(UserWarning):
+    """A 4/5-bit export that keeps less than half of the fine-tune."""
 
 
 def gguf_paths(directory: str | os.PathLike, gguf_type: str, name: str = "model") -> dict[str, Path]:
@@ -133,7 +138,7 @@ def export_gguf(model: nn.Module, tokenizer, directory: str | os.PathLike, gguf_
         for tmp_path, _ in staged:
             tmp_path.unlink(missing_ok=True)
     if report["warning"]:
-        warnings.warn(report["warning"], stacklevel=2)
+        warnings.warn(report["warning"], LowFidelityWarning, stacklevel=2)
     return report
 
 
@@ -157,7 +162,11 @@ def run_gguf_export(model_cfg, target) -> dict:
     gguf_write.check_llama(model)
     source = default_gguf_path() if base_path is None or is_default_model_dir(base_path) else None
     base, _ = load_model(base_path)
-    report = export_gguf(model, tokenizer, target.output_dir, target.gguf, source_gguf=source, base=base,
-                         overwrite=target.overwrite)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LowFidelityWarning)  # said once below, as a plain line
+        report = export_gguf(model, tokenizer, target.output_dir, target.gguf, source_gguf=source, base=base,
+                             overwrite=target.overwrite)
     print(f"wrote {path}\n{summary(report)}")
+    if report["warning"]:
+        print(f"dude export: warning: {report['warning']}", file=sys.stderr)
     return report
