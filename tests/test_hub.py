@@ -109,3 +109,17 @@ def test_concurrent_processes_build_once(tmp_path: Path) -> None:
     assert log.read_text() == "build\n"
     assert (tmp_path / "cache" / "shared" / "weights").read_text() == "complete"
     assert not [p for p in (tmp_path / "cache").iterdir() if ".tmp-" in p.name]
+
+
+def test_the_shipped_gguf_is_kept_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dude.cache import sha256_file
+    from dude.hub import SMOLLM2_GGUF_SHA256, default_gguf_path
+
+    path = default_gguf_path()  # the real entry (a cache built before it was kept fetches it once)
+    assert path.parent.name == "SmolLM2-135M-Instruct-gguf" and sha256_file(path) == SMOLLM2_GGUF_SHA256
+    monkeypatch.setenv("DUDE_CACHE", str(tmp_path))
+    damaged = tmp_path / "SmolLM2-135M-Instruct-gguf" / path.name
+    damaged.parent.mkdir()
+    damaged.write_bytes(b"truncated")
+    with pytest.raises(ValueError, match=r"sha256 mismatch .* the cache entry is damaged; delete .* fetched again"):
+        default_gguf_path()

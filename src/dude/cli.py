@@ -26,7 +26,7 @@ COMMANDS = {
     "train": "fine-tune one adapter (LoRA, DoRA, PiSSA or DuDe) and write it with metrics, plot, config",
     "eval": "evaluate a base model, a dude/PEFT adapter directory or a merged model; writes eval.json",
     "compare": "train LoRA, DoRA, PiSSA and DuDe on the same task, budget and seeds; table + plot + JSON",
-    "export": "merge an adapter directory into a plain transformers model folder (save_pretrained)",
+    "export": "merge an adapter directory into a plain transformers model folder (save_pretrained), or one GGUF file (--gguf)",
 }
 
 ADAPTER_HELP = {  # dude.AdapterConfig documents its fields in its docstring, not in field metadata

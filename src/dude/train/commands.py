@@ -115,9 +115,15 @@ def run_eval(cfg: EvalCommandConfig) -> dict[str, Any]:
 
 
 def run_export(cfg: ExportConfig) -> Path:
-    """Adapter directory -> merged ``save_pretrained`` folder (with the tokenizer)."""
+    """Adapter directory -> merged ``save_pretrained`` folder (with the tokenizer), or with
+    ``--gguf TYPE`` one GGUF file (``dude.export``)."""
     from .. import export_merged
 
+    if cfg.export.gguf is not None:
+        from ..export import gguf_paths, run_gguf_export
+
+        run_gguf_export(cfg.model, cfg.export)
+        return gguf_paths(cfg.export.output_dir, cfg.export.gguf)["gguf"]
     model, tokenizer, _ = load_for(cfg.model, cfg.export.adapter, cfg.export.full_precision)
     path = export_merged(model, cfg.export.output_dir, tokenizer, overwrite=cfg.export.overwrite)
     print(f"exported merged model to {path}")

@@ -199,12 +199,19 @@ class ExportTarget:
     overwrite: bool = opt(False, "replace a non-empty output_dir")
     full_precision: bool = opt(False, "an adapter trained on a 4-bit base (quantize): merge it into the "
                                       "full-precision weights (the model to deploy), not into deq(Q)")
+    gguf: str | None = opt(None, "write one GGUF file for llama.cpp / Ollama (output_dir/model-TYPE.gguf, with its "
+                                 "faithfulness report) instead of a transformers folder: f32, f16, bf16, q8_0 "
+                                 "(recommended), q4_0, q4_1, q5_0, q5_1")
 
     def __post_init__(self) -> None:
         if not self.adapter:
             raise ValueError("export.adapter is required: the adapter directory to merge (--adapter DIR)")
         if not self.output_dir:
             raise ValueError("export.output_dir is required: where to write the merged model (--output-dir DIR)")
+        if self.gguf is not None:
+            from ..export.gguf_write import check_type
+
+            check_type(self.gguf, "export.gguf (--gguf)")
 
 
 @dataclass
