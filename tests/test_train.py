@@ -242,6 +242,7 @@ def test_resume_after_sigkill_is_bit_identical(tiny_dir, tmp_path):
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not (killed_dir / "adapter_model.safetensors").exists(), "the run finished before the kill"
+    assert (killed_dir / ".dude.lock").exists()  # left by the killed run: its flock died with it, so no block
     last = list_checkpoints(killed_dir)[-1][0]
     assert last < steps
     resumed = _cli(tiny_train_args(tiny_dir, killed_dir, steps, "--save-every", "5", "--resume"))

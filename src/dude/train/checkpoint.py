@@ -86,7 +86,7 @@ def save(output_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     path = path_for(output_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    with guarded(path, tensor_bytes(state) + (1 << 20), [tmp]):
+    with guarded(path, tensor_bytes(state) + (64 << 10), [tmp]):  # + the zip and pickle headers
         with open(tmp, "wb") as fh:
             torch.save(state, fh)
             fh.flush()

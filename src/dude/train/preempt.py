@@ -37,7 +37,8 @@ class Preempted(Exception):
 
 class Watch:
     """A context that records the first of ``SIGNALS`` received (``received``, 0: none)
-    and restores the previous handlers on exit."""
+    and restores the previous handlers on exit, unless a signal came: the process is then
+    stopping, and a further signal must not kill it between the save and its exit."""
 
     def __init__(self) -> None:
         self.received = 0
@@ -56,6 +57,8 @@ class Watch:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.received:  # stopping: later signals are recorded too, and the exit code stays 128+signum
+            return
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
