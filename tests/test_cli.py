@@ -68,7 +68,7 @@ def trained(tmp_path_factory, smollm2_dir) -> Path:
 
 def test_train_writes_exactly_its_files(trained):
     assert {p.name for p in trained.iterdir()} == TRAIN_FILES
-    assert {p.name for p in (trained / "checkpoints").iterdir()} == {"step-000002.pt"}
+    assert {p.name for p in (trained / "checkpoints").iterdir()} == {"step-000002.pt", "step-000002.pt.manifest.json"}
     lines = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3]
     assert all({"step", "loss", "lr", "tokens_per_s", "elapsed_s"} <= set(r) for r in lines)

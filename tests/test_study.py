@@ -324,6 +324,34 @@ def test_parallel_workers_respect_the_sweep(tmp_path):
         assert first_later > last_sweep_end
 
 
+def test_planning_never_reads_a_folder_being_written(tmp_path, monkeypatch):
+    """The cause of a JSONDecodeError seen in a worker thread: planning (another worker) read
+    the measures.json of an item a worker was still writing. A writer that leaves the file
+    empty for a while (as ``write_text`` does between truncating and writing) must not be seen."""
+    import threading
+    import time
+
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    write_text = Path.write_text
+
+    def slow_write(self, data, *args, **kwargs):
+        if self.name == "measures.json":
+            write_text(self, "")
+            time.sleep(0.003)
+        return write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", slow_write)
+    fake = FakeRunner()
+
+    def runner(item, out):
+        time.sleep(0.01 if item.phase == "sweep" else 0.002)
+        return fake(item, out)
+
+    Study(TINY, tmp_path, runner=runner, log=lambda m: None).run(jobs=2)
+    assert errors == [] and len({c["key"] for c in fake.calls}) == _total(TINY)
+
+
 def test_verdict_rule():
     assert compare((0.5, 0.01, 3), (0.3, 0.01, 3), True)[0] == "holds"
     assert compare((0.3, 0.01, 3), (0.5, 0.01, 3), True)[0] == "does not hold"

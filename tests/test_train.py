@@ -147,6 +147,7 @@ def test_resume_refuses_another_global_batch(tmp_path):
     legacy = torch.load(path, weights_only=True)
     assert legacy.pop("global_batch") == 4
     torch.save(legacy, path)
+    path.with_name(path.name + ".manifest.json").unlink()  # as written before manifests existed
     with pytest.raises(ValueError, match=refusal):
         train(changed, tiny_llama(), _Tok(), _examples())
 
@@ -241,6 +242,7 @@ def test_resume_after_sigkill_is_bit_identical(tiny_dir, tmp_path):
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not (killed_dir / "adapter_model.safetensors").exists(), "the run finished before the kill"
+    assert (killed_dir / ".dude.lock").exists()  # left by the killed run: its flock died with it, so no block
     last = list_checkpoints(killed_dir)[-1][0]
     assert last < steps
     resumed = _cli(tiny_train_args(tiny_dir, killed_dir, steps, "--save-every", "5", "--resume"))

@@ -9,11 +9,16 @@ lists them by YAML section.
     dude train --config configs/smoke.yaml --output-dir runs/smoke
     dude eval --adapter runs/smoke --tasks heldout mmlu --limit 32
     dude export --adapter runs/smoke --output-dir runs/smoke-merged
+
+Exit codes: 0 done; 1 training diverged; 2 bad input, or a run that cannot go on (a folder
+in use, no whole checkpoint to resume); 74 a write failed (a full disk: EX_IOERR);
+128+signum stopped by SIGTERM (143) or SIGUSR1 (138) after saving a checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from typing import Any, Callable
@@ -133,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     from .compare.runner import RunsFailed
     from .hub import ModelFetchError
+    from .safe_write import EXIT_IO, WriteFailed
     from .train import TrainingDiverged
+    from .train.preempt import Preempted
 
     try:
         _runner(args.command)(config)
@@ -143,13 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     except ModelFetchError as err:
         print(f"dude {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as err:  # SIGTERM / SIGUSR1: saved; exit 128+signum as a killed process would
+        if distributed.launched_rank() == 0:
+            print(f"dude {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
+    except WriteFailed as err:  # a full disk: one line, its own exit code
+        print(f"dude {args.command}: error: {err.strerror}", file=sys.stderr)
+        return EXIT_IO
     except (ValueError, OSError) as err:  # OSError: also a path under a file, no permission, a full disk
         if os.environ.get("DUDE_DEBUG"):
             raise
         system = isinstance(err, OSError) and err.errno is not None and err.filename  # not one of our messages
         text = f"{err.strerror}: {err.filename!r}" if system else err
         print(f"dude {args.command}: error: {text}  (DUDE_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return 2
+        return EXIT_IO if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else 2
     return 0
 
 

@@ -30,6 +30,7 @@ from .adapter_files import check_adapter, check_for_save
 from .config import AdapterConfig
 from .frozen import is_linear4bit
 from .layer import is_conv1d
+from .safe_write import fsync_dir, guarded, tensor_bytes, warn_low_space
 from .patch import adapter_layers, apply, find_targets, get_config, merge
 
 CONFIG_NAME = "adapter_config.json"
@@ -82,7 +83,9 @@ def _peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT format) to ``directory``.
 
-    Both files are fully written under temporary names before either is renamed into place.
+    Both files are fully written under temporary names (and fsynced) before either is renamed
+    into place. A failed write (a full disk) raises ``safe_write.WriteFailed`` naming the file,
+    the bytes needed and free, and leaves the directory as it was.
     """
     from safetensors.torch import save_file
 
@@ -93,18 +96,24 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", METADATA_KEY: json.dumps(config.to_dict())}
     peft_json = json.dumps(_peft_config(model, config), indent=2, sort_keys=True)
+    sizes = {WEIGHTS_NAME: tensor_bytes(tensors) + len(metadata[METADATA_KEY]) + (64 << 10), CONFIG_NAME: len(peft_json)}
+    warn_low_space(directory, sum(sizes.values()), "the adapter's files")
     staged = []
     try:
         for name, write in (
             (WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata)),
             (CONFIG_NAME, lambda tmp: Path(tmp).write_text(peft_json)),
         ):
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-            os.close(fd)
-            staged.append((tmp, directory / name))
-            write(tmp)
+            with guarded(directory / name, sizes[name]):  # a full disk: WriteFailed, naming the file
+                fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+                os.close(fd)
+                staged.append((tmp, directory / name))
+                write(tmp)
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
         for tmp, final in staged:
             os.replace(tmp, final)
+        fsync_dir(directory)
     finally:
         for tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)
@@ -222,22 +231,22 @@ def export_merged(
 ) -> Path:
     """Merge ``model``'s adapters IN PLACE (one-way) and ``save_pretrained`` it to ``directory``.
 
-    The folder is written under a temporary name and renamed into place when complete.
+    The folder is written under a temporary name and renamed into place when complete; a
+    failed write (a full disk) raises ``safe_write.WriteFailed`` and leaves no partial folder.
     """
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True (CLI: --overwrite)")
     merge(model)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    needed = tensor_bytes(dict(model.state_dict())) + (32 << 20)  # the weights, and the tokenizer's files
+    warn_low_space(directory.parent, needed, "the merged model's files")
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
+    with guarded(directory, needed, [staging]):  # a full disk: WriteFailed, no partial folder left
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory

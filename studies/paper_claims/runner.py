@@ -29,6 +29,7 @@ import yaml
 
 from dude.train.checkpoint import list_checkpoints
 from dude.train.options import to_dict
+from dude.train.runlock import FolderLock
 
 from measures import measured
 from plan import (StudyConfig, base_key, calib_key, calib_request, config_key, ladder, measure_request,
@@ -148,6 +149,7 @@ class Study:
         self.runs_dir, self.data_dir = root / "runs", root / "data"
         self.ran = self.skipped = self.failed = 0
         self._items: dict[Any, Any] = {}
+        self._busy: set[str] = set()  # keys of the items a worker is doing now: their folders are not read
 
     def _train_item(self, phase: str, method: str, lr: float, seed: int, r: int) -> Item:
         """The item of one run; memoized, since the plan is recomputed after every item and a
@@ -164,7 +166,7 @@ class Study:
         """Validation loss of the seed-0 sweep run of ``method`` at ``lr``; inf if it diverged."""
         item = self._train_item("sweep", method, lr, 0, self.study.r)
         out = self.runs_dir / item.key
-        if not finished(out, item):
+        if item.key in self._busy or not finished(out, item):
             return None
         return math.inf if (out / "diverged.json").is_file() else read_json(out / "measures.json")["val"]["loss"]
 
@@ -182,6 +184,8 @@ class Study:
         if self.study.control is None or self.study.control[1] not in best:
             return None
         calib = next(i for i in self.plan_fixed() if i.command == "calib")
+        if calib.key in self._busy:
+            return None
         ratio = read_json(self.runs_dir / calib.key / "update_ratio.json")
         return float(f"{ratio['ratio'] * best[self.study.control[1]]:.3g}") if ratio else None
 
@@ -230,9 +234,16 @@ class Study:
     def run(self, max_runs: int | None = None, jobs: int = 1) -> None:
         """Run what is not finished. A finished sweep unlocks later phases, so the plan is
         recomputed whenever an item ends; ``jobs`` items go side by side (one process each,
-        never two on one run folder); a worker with nothing plannable waits for the others."""
+        never two on one run folder); a worker with nothing plannable waits for the others.
+        Planning never reads the folder of an item being done (a worker writes its files
+        meanwhile). The study root is locked: one study process per root."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FolderLock(self.root, "the study runner", what="study root"):
+            self._run(max_runs, jobs)
+
+    def _run(self, max_runs: int | None, jobs: int) -> None:
         attempted: set[tuple[str, str]] = set()
-        busy: set[str] = set()
+        busy = self._busy
         lock = threading.Condition()
 
         def next_item() -> Item | None:

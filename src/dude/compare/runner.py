@@ -24,6 +24,7 @@ import yaml
 from ..train.config import EvalCommandConfig, EvalTarget, TrainConfig
 from ..train.options import to_dict
 from ..train.rundir import config_diff, write_json, write_text_atomic
+from ..train.runlock import FolderLock
 from . import report
 from .config import CompareConfig
 
@@ -126,11 +127,18 @@ def _base_eval(cfg: CompareConfig, root: Path) -> tuple[int, str | None]:
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     """Run every method and seed; write and print the report; return it."""
-    start = time.perf_counter()
     root = Path(cfg.run.output_dir)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"run.output_dir {str(root)!r} exists and is not a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    with FolderLock(root, "dude compare"):  # one comparison per folder; each run locks its own folder too
+        return _run_compare(cfg, root)
+
+
+def _run_compare(cfg: CompareConfig, root: Path) -> dict[str, Any]:
+    start = time.perf_counter()
     resolved = to_dict(cfg)
     _prepare_root(root, cfg, resolved)
-    root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(root / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     _fetch_model(cfg)
     base_code, base_error = _base_eval(cfg, root) if cfg.compare.base_tasks else (None, None)

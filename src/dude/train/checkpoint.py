@@ -8,6 +8,14 @@ fsynced and renamed, so a killed run leaves either the old set or the new one; i
 read with ``torch.load(weights_only=True)``: tensors and plain containers only, no
 arbitrary pickle. Under FSDP a checkpoint is a folder of shards instead,
 ``step-000040/`` (``sharded_checkpoint.py``); both are listed here.
+
+Each checkpoint has a manifest of sizes and sha256 checksums (``manifest.py``), written
+before the checkpoint is renamed into place. Old checkpoints are deleted only after the
+new one has committed and matches its manifest read back from disk, so retention
+(``run.keep_checkpoints``, 1 included) never leaves the run without a whole checkpoint.
+A checkpoint that fails its check on ``--resume`` is renamed ``damaged-step-...`` (kept
+for the user, never listed again). A full disk during a save raises ``WriteFailed``
+(``safe_write.py``) with nothing partial left.
 """
 
 from __future__ import annotations
@@ -15,11 +23,16 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..safe_write import fsync_dir, guarded, tensor_bytes
+from . import manifest
 
 DIRNAME = "checkpoints"
 _PATTERN = re.compile(r"step-(\d{6,})(\.pt)?")  # a file, or a folder of shards
@@ -69,23 +82,84 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save(output_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Atomically write checkpoint ``step``; then drop all but the ``keep`` newest."""
+    """Atomically write checkpoint ``step`` and its manifest; then drop all but the ``keep`` newest."""
     path = path_for(output_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    try:
+    with guarded(path, tensor_bytes(state) + (64 << 10), [tmp]):  # + the zip and pickle headers
         with open(tmp, "wb") as fh:
             torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        remove(path)  # only if a step is saved twice
+        manifest.write_for_file(tmp, path)
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-    if keep > 0:
-        for _, old in list_checkpoints(output_dir)[:-keep]:
-            old.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+    retain(output_dir, path, keep)
     return path
+
+
+def retain(output_dir: Path, newest: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints (0: keep all), once ``newest`` has
+    committed and matches its manifest on disk; a new one that does not (the disk lied)
+    deletes nothing and says so."""
+    if keep <= 0:
+        return
+    problem = manifest.check(newest)
+    if problem is not None:
+        print(f"warning: the checkpoint just written, {str(newest)!r}, fails its check ({problem}); "
+              "older checkpoints are kept", file=sys.stderr)
+        return
+    for _, old in list_checkpoints(output_dir)[:-keep]:
+        remove(old)
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint (file or folder of shards, with its manifest) so that no
+    half-deleted one keeps a valid name: it is renamed away first."""
+    sidecar = path.with_name(path.name + manifest.SUFFIX)
+    if path.exists():
+        doomed = path.with_name(f".del-{path.name}")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        if doomed.is_dir():
+            shutil.rmtree(doomed)
+        else:
+            doomed.unlink()
+    sidecar.unlink(missing_ok=True)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint (and its manifest) to ``damaged-<name>``, which is never
+    listed again; returns the new path."""
+    n, target = 0, path.with_name(f"damaged-{path.name}")
+    while target.exists():
+        n += 1
+        target = path.with_name(f"damaged-{path.name}.{n}")
+    sidecar = path.with_name(path.name + manifest.SUFFIX)
+    if sidecar.is_file():
+        os.replace(sidecar, target.with_name(target.name + manifest.SUFFIX))
+    os.replace(path, target)
+    fsync_dir(path.parent)
+    return target
+
+
+def set_aside_before(output_dir: Path) -> list[Path]:
+    """The checkpoints an earlier ``--resume`` set aside as damaged."""
+    folder = Path(output_dir) / DIRNAME
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith("damaged-") and not p.name.endswith(manifest.SUFFIX))
+
+
+def space_needed(trainable_bytes: int, adapter_bytes: int, start: int, steps: int, save_every: int,
+                 keep: int) -> int:
+    """Bytes a run still writes at its peak: the checkpoints kept at once (``keep`` + the one
+    being written, or every one with ``keep`` 0), each the trainable tensors and AdamW's two
+    moments (3 x ``trainable_bytes``), plus the final adapter."""
+    saves = len(range(start + save_every, steps, save_every)) if save_every else 0
+    at_once = saves if keep <= 0 else min(saves, keep + 1)
+    return at_once * 3 * trainable_bytes + adapter_bytes
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -94,14 +168,3 @@ def load(path: Path) -> dict[str, Any]:
     except Exception as err:  # truncated, corrupt, or not ours
         raise ValueError(f"--resume: checkpoint {str(path)!r} cannot be read ({err}); "
                          "delete it to resume from the one before") from None
-
-
-def fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -24,11 +24,13 @@ import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -125,6 +127,25 @@ def any_across(d: Dist, flag: bool) -> bool:
     t = torch.tensor([float(flag)], device=d.device if d.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return t.item() > 0
+
+
+def from_main(d: Dist, compute: Callable[[], T]) -> T:
+    """``compute()`` on rank 0, its result (picklable) on every rank: a decision taken once
+    (which checkpoint to resume, whether the folder lock was had) that all ranks follow."""
+    if not d.enabled:
+        return compute()
+    box = [compute() if d.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def max_across(d: Dist, value: int) -> int:
+    """The largest of an int over ranks (a signal number one rank received: every rank acts on it)."""
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=d.device if d.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:

@@ -24,7 +24,7 @@ from .. import patch
 from ..data import collate_sft
 from ..io import load as load_adapter
 from ..io import save as save_adapter
-from . import checkpoint, datafiles, distributed, optim, rundir, sharded_checkpoint
+from . import checkpoint, datafiles, distributed, optim, preempt, rundir, runlock, sharded_checkpoint
 from .batches import DataOrder
 from .config import TrainConfig
 from .options import to_dict
@@ -78,7 +78,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     d = distributed.setup(cfg.run.device, cfg.run.strategy)
     distributed.quiet_replica(d)
     try:
-        return _train(cfg, d, start, model, tokenizer, examples, collate)
+        with runlock.held_by_main(Path(cfg.run.output_dir), d, "dude train"):  # one run per folder
+            return _train(cfg, d, start, model, tokenizer, examples, collate)
     except BaseException:
         if d.is_main:  # an error found after the run folder was made (a bad row, a rank too large) leaves no trace
             rundir.remove_new_folders(new)
@@ -114,12 +115,16 @@ def _train(cfg: TrainConfig, d: distributed.Dist, start: float, model: nn.Module
     resumed = resume(cfg, d, state.model, state.optimizer, state.scheduler) if cfg.run.resume else None
     state.step = resumed or 0
     if d.is_main:
+        _warn_disk_space(cfg, state, out)
         rundir.write_config(out, resolved)
         if not cfg.run.resume:
             datafiles.record(out, cfg.data)
     metrics = rundir.MetricsLog(out / "metrics.jsonl", resumed) if d.is_main else None
     order = DataOrder(len(examples), cfg.optim.batch_size, cfg.optim.grad_accum, d.world_size, cfg.run.seed)
-    last_loss = _run_steps(cfg, state, d, order, examples, collate, metrics, out)
+    with preempt.Watch() as watch:  # SIGTERM / SIGUSR1: finish the step, save, exit 128+signum
+        last_loss = _run_steps(cfg, state, d, order, examples, collate, metrics, out, watch)
+    if not math.isfinite(last_loss) and metrics is not None:  # resumed at the last step: no step ran
+        last_loss = ([r["loss"] for r in rundir.read_lines(metrics.path)] or [last_loss])[-1]
     result = TrainResult(out, state.step, last_loss, 0.0, optim.peak_memory_mb(d.device))
     with distributed.gathered(state.model):
         if d.is_main:
@@ -177,7 +182,18 @@ def _setup(cfg: TrainConfig, model: nn.Module, d: distributed.Dist) -> _State:
     return _State(model, wrapped, params, optimizer, scheduler)
 
 
-def _save_checkpoint(cfg: TrainConfig, state: _State, d: distributed.Dist, out: Path) -> None:
+def _warn_disk_space(cfg: TrainConfig, state: _State, out: Path) -> None:
+    """Warn when the disk cannot hold the checkpoints the run keeps at once and its adapter."""
+    trainable = sum(p.numel() * p.element_size() for p in state.params)
+    adapter = trainable * (2 if cfg.adapter.svd_init else 1)  # PiSSA / DuDe also write A0, B0
+    needed = checkpoint.space_needed(trainable, adapter, state.step, cfg.optim.steps, cfg.run.save_every,
+                                     cfg.run.keep_checkpoints)
+    from ..safe_write import warn_low_space
+
+    warn_low_space(out, needed, f"the checkpoints kept (run.keep_checkpoints {cfg.run.keep_checkpoints}) and the adapter")
+
+
+def _save_checkpoint(cfg: TrainConfig, state: _State, d: distributed.Dist, out: Path) -> Path:
     rng = checkpoint.rng_state()
     rngs = [rng]
     if d.enabled:
@@ -186,18 +202,20 @@ def _save_checkpoint(cfg: TrainConfig, state: _State, d: distributed.Dist, out: 
     trainer_state = {"step": state.step, "scheduler": state.scheduler.state_dict(), "rng": rngs,
                      "global_batch": global_batch(cfg, d.world_size)}
     if distributed.is_sharded(d, cfg.run.strategy):  # every rank writes its shards
-        sharded_checkpoint.save(out, state.step, state.model, state.optimizer, trainer_state,
-                                cfg.run.keep_checkpoints, d.is_main)
-    elif d.is_main:
+        return sharded_checkpoint.save(out, state.step, state.model, state.optimizer, trainer_state,
+                                       cfg.run.keep_checkpoints, d.is_main)
+    if d.is_main:
         checkpoint.save(out, state.step, {
             **trainer_state,
             "adapter": {k: v.detach().cpu().clone() for k, v in patch.adapter_state_dict(state.model).items()},
             "optimizer": state.optimizer.state_dict(),
         }, cfg.run.keep_checkpoints)
+    distributed.barrier(d)  # a failed write on rank 0 (a full disk) ends the run there; the others stop here
+    return checkpoint.path_for(out, state.step)
 
 
 def _run_steps(cfg: TrainConfig, state: _State, d: distributed.Dist, order: DataOrder, examples: list,
-               collate: Callable, metrics: rundir.MetricsLog | None, out: Path) -> float:
+               collate: Callable, metrics: rundir.MetricsLog | None, out: Path, watch: preempt.Watch) -> float:
     o = cfg.optim
     scaler = optim.grad_scaler(cfg.run.precision, d.device)
     bar = Progress(o.steps, state.step, enabled=cfg.run.progress and d.is_main)
@@ -238,8 +256,15 @@ def _run_steps(cfg: TrainConfig, state: _State, d: distributed.Dist, order: Data
             metrics.append({"step": state.step, "loss": round(loss_mean, 6), "lr": lr, "tokens_per_s": round(tok_s, 1),
                             "grad_norm": round(float(norm), 6), "epoch": round(order.epoch_of(state.step), 4),
                             "elapsed_s": round(metrics.elapsed_before + time.perf_counter() - began, 3)})
-        if cfg.run.save_every and state.step % cfg.run.save_every == 0 and state.step < o.steps:
+        saved = cfg.run.save_every and state.step % cfg.run.save_every == 0 and state.step < o.steps
+        if saved:
             _save_checkpoint(cfg, state, d, out)
+        signum = distributed.max_across(d, watch.received)  # one rank's signal stops every rank at this step
+        if signum:
+            bar.close()
+            path = checkpoint.path_for(out, state.step, distributed.is_sharded(d, cfg.run.strategy)) if saved \
+                else _save_checkpoint(cfg, state, d, out)
+            raise preempt.Preempted(signum, state.step, o.steps, path)
     bar.close()
     return last_loss
 

@@ -12,6 +12,10 @@ would be another run, not this one continued. What cannot continue on another nu
 processes is each rank's RNG stream (dropout): those are reseeded from (seed, rank, step),
 so with ``adapter.dropout > 0`` the resumed run matches in distribution, not in bits.
 
+The checkpoint resumed is the newest that matches its manifest (``manifest.py``): a newer
+one that does not is renamed ``damaged-...`` and named in a warning. A run that had
+checkpoints and has no whole one left is refused; it never starts over silently.
+
 Both checkpoint formats resume on any number of processes: a one-file checkpoint (one
 process, DDP) holds the whole adapter and optimizer; a folder of shards (FSDP) is
 resharded by ``torch.distributed.checkpoint`` on load. The format follows the strategy, so
@@ -20,6 +24,7 @@ an FSDP run resumes under FSDP (``torchrun --nproc-per-node 1`` for one process)
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +33,7 @@ import yaml
 from torch import nn
 
 from .. import patch
-from . import checkpoint, distributed, sharded_checkpoint
+from . import checkpoint, distributed, manifest, sharded_checkpoint
 from .config import TrainConfig
 
 
@@ -41,12 +46,14 @@ def resume(cfg: TrainConfig, d: distributed.Dist, model: nn.Module, optimizer: t
            scheduler: torch.optim.lr_scheduler.LambdaLR) -> int:
     """Load the newest checkpoint of ``cfg.run.output_dir`` in place; returns its step (0: none)."""
     out = Path(cfg.run.output_dir)
-    found = checkpoint.list_checkpoints(out)
-    if not found:
+    chosen = distributed.from_main(d, lambda: _newest_whole(out))  # rank 0 checks, every rank loads it
+    if isinstance(chosen, str):
+        raise ValueError(chosen)
+    if chosen is None:
         if d.is_main:
             print(f"--resume: no checkpoint in {out}/checkpoints; starting from step 0")
         return 0
-    step, path = found[-1]
+    step, path = chosen
     sharded = distributed.is_sharded(d, cfg.run.strategy)
     if path.is_dir() and not sharded:
         raise ValueError(f"--resume: {str(path)!r} was written with FSDP (a folder of shards); resume it with "
@@ -76,6 +83,35 @@ def resume(cfg: TrainConfig, d: distributed.Dist, model: nn.Module, optimizer: t
     if d.is_main:
         print(f"--resume: continuing from {path} (step {step} of {cfg.optim.steps})")
     return step
+
+
+def _newest_whole(out: Path) -> tuple[int, Path] | str | None:
+    """(step, path) of the newest checkpoint that matches its manifest; the newer ones that
+    do not are set aside (``damaged-...``), each named in a warning. None: the run has no
+    checkpoint (it starts from step 0). A message (str) when it had some and none is whole:
+    the run must not start over silently."""
+    found = checkpoint.list_checkpoints(out)
+    damaged = checkpoint.set_aside_before(out)
+    for step, path in reversed(found):
+        problem = manifest.check(path)
+        if problem == "no manifest" and not path.is_dir():  # written before manifests: it must load
+            try:
+                checkpoint.load(path)
+                problem = None
+            except ValueError:
+                problem = "no manifest, and it cannot be read"
+        elif problem == "no manifest":
+            problem = None  # a folder of shards from before manifests: DCP's .metadata commits it
+        if problem is None:
+            return step, path
+        moved = checkpoint.set_aside(path)
+        damaged.append(moved)
+        print(f"--resume: warning: checkpoint {str(path)!r} is damaged ({problem}); set aside as "
+              f"{moved.name!r}, trying the one before", file=sys.stderr, flush=True)
+    if damaged:
+        return (f"--resume: no checkpoint in {str(out / checkpoint.DIRNAME)!r} is whole (damaged, set aside: "
+                f"{', '.join(p.name for p in damaged)}); restore one, or start over with --overwrite")
+    return None
 
 
 def _saved_global_batch(saved: dict[str, Any], out: Path, cfg: TrainConfig, processes: int) -> int:

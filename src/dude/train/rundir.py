@@ -10,7 +10,9 @@ Files a training run writes (and nothing else):
     data-files.json             sha256 of a file task's data files (datafiles.py)
     adapter_config.json         the adapter (dude.save, PEFT format)
     adapter_model.safetensors
-    checkpoints/step-*.pt       when run.save_every > 0
+    checkpoints/step-*.pt       when run.save_every > 0 (or the run was preempted),
+    checkpoints/step-*.pt.manifest.json   each with its sizes and checksums
+    .dude.lock                  while the run goes on (``runlock.py``: one run per folder)
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..safe_write import write_bytes_atomic
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "eval.json", "data-files.json",
              "adapter_config.json", "adapter_model.safetensors")
@@ -99,9 +103,8 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """``path`` holds ``text`` whole or keeps what it held (a full disk: ``WriteFailed``, no temp file left)."""
+    write_bytes_atomic(path, text.encode())
 
 
 def write_json(path: Path, data: Any) -> None:
