@@ -79,7 +79,8 @@ def runs(tiny, tmp_path_factory) -> Path:
     common = _common(tiny)
     _run([*PYTHON, "dude.cli"], tiny_train_args(tiny, root / "single", 4, *common, "--grad-accum", "2"),
          root / "single.log")
-    _run(TORCHRUN, tiny_train_args(tiny, root / "ddp", 4, *common, "--grad-accum", "1"), root / "ddp.log")
+    _run(TORCHRUN, tiny_train_args(tiny, root / "ddp", 4, *common, "--grad-accum", "1", "--report-to", "tensorboard"),
+         root / "ddp.log")
     _run(TORCHRUN, tiny_train_args(tiny, root / "fsdp", 4, *common, "--grad-accum", "1", "--strategy", "fsdp"),
          root / "fsdp.log")
     _run(ACCELERATE, tiny_train_args(tiny, root / "accelerate", 4, *common, "--grad-accum", "1"),
@@ -115,6 +116,22 @@ def test_ddp_two_processes_match_one_process_accumulating(runs):
     assert _losses(runs / "ddp") == pytest.approx(_losses(runs / "single"), rel=1e-5)
     assert {p.name for p in (runs / "ddp" / "checkpoints").iterdir()} == {"step-000002.pt"}
     assert _answers(runs / "ddp") == _answers(runs / "single")
+
+
+def test_only_rank_0_reports_to_the_trackers(runs):
+    """The DDP run reported to TensorBoard: one events file (one writer), and the points of
+    rank 0's metrics.jsonl and eval.json once each."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events_file,) = (runs / "ddp" / "tensorboard").iterdir()
+    events = EventAccumulator(str(events_file.parent))
+    events.Reload()
+    lines = [json.loads(line) for line in (runs / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in lines]
+    (accuracy,) = events.Scalars(f"eval/{next(iter(json.loads((runs / 'ddp' / 'eval.json').read_text())))}/accuracy")
+    assert accuracy.step == 4
+    assert (runs / "ddp.log").read_text().count("tensorboard: logging to") == 1
 
 
 def test_fsdp_matches_ddp_and_one_process_and_evaluates(runs, tiny):

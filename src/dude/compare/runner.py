@@ -25,6 +25,7 @@ from ..train.config import EvalCommandConfig, EvalTarget, TrainConfig
 from ..train.options import to_dict
 from ..train.rundir import config_diff, write_json, write_text_atomic
 from ..train.runlock import FolderLock
+from ..train.trackers import default_run_name, resolve
 from . import report
 from .config import CompareConfig
 
@@ -105,7 +106,8 @@ def _train_one(cfg: CompareConfig, root: Path, method: str, seed: int) -> dict[s
         adapter=dataclasses.replace(cfg.adapter, method=method, seed=seed),
         data=cfg.data,
         optim=dataclasses.replace(cfg.optim, lr=cfg.compare.lrs.get(method, cfg.optim.lr)),
-        run=dataclasses.replace(cfg.run, output_dir=str(out), seed=seed, resume=started, overwrite=not started),
+        run=dataclasses.replace(cfg.run, output_dir=str(out), seed=seed, resume=started, overwrite=not started,
+                                run_name=f"{cfg.run.run_name or default_run_name(root)}/{name}"),  # in the trackers
         eval=cfg.eval,
     )
     print(f"\ncompare: {name} (lr {train_cfg.optim.lr:g}, {cfg.optim.steps} steps)", flush=True)
@@ -127,6 +129,7 @@ def _base_eval(cfg: CompareConfig, root: Path) -> tuple[int, str | None]:
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     """Run every method and seed; write and print the report; return it."""
+    resolve(cfg.run.report_to)  # a tracker that is not installed: one line now, not one per run
     root = Path(cfg.run.output_dir)
     if root.exists() and not root.is_dir():
         raise ValueError(f"run.output_dir {str(root)!r} exists and is not a directory")

@@ -111,6 +111,13 @@ class RunConfig:
     resume: bool = opt(False, "continue the run in output_dir from its newest checkpoint")
     overwrite: bool = opt(False, "replace the run in output_dir")
     progress: bool = opt(True, "show a progress bar")
+    # str and None too: `report_to: none` in YAML, `--report-to none` (the flag parser reads none as null)
+    report_to: list[str | None] | str | None = opt([], "experiment trackers to log to, as transformers' report_to: "
+                                                       "tensorboard, wandb, mlflow, trackio (several allowed), "
+                                                       "all (those installed) or none")
+    run_name: str | None = opt(None, "the run's name in the trackers (empty: the output folder's name)")
+    project: str | None = opt(None, "W&B project, MLflow experiment, trackio project (empty: $WANDB_PROJECT, "
+                                    "$MLFLOW_EXPERIMENT_NAME, else dude)")
 
     def __post_init__(self) -> None:
         if self.save_every < 0 or self.keep_checkpoints < 0:
@@ -124,6 +131,20 @@ class RunConfig:
             raise ValueError(f"run.strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.resume and self.overwrite:
             raise ValueError("run.resume and run.overwrite exclude each other: pick one")
+        self.report_to = _trackers(self.report_to)
+
+
+def _trackers(report_to: list[str | None] | str | None) -> list[str]:
+    """``run.report_to`` as a list of tracker names (``none`` and null: none; ``all`` alone)."""
+    from .trackers import NAMES
+
+    names = [n for n in ([report_to] if not isinstance(report_to, list) else report_to) if n not in (None, "none")]
+    bad = [n for n in names if n not in (*NAMES, "all")]
+    if bad:
+        raise ValueError(f"run.report_to: unknown tracker(s) {bad}; use {', '.join(NAMES)}, all or none")
+    if "all" in names and len(names) > 1:
+        raise ValueError(f"run.report_to: 'all' already names every installed tracker, got {names}")
+    return list(dict.fromkeys(names))
 
 
 @dataclass

@@ -24,7 +24,7 @@ from .. import patch
 from ..data import collate_sft
 from ..io import load as load_adapter
 from ..io import save as save_adapter
-from . import checkpoint, datafiles, distributed, optim, preempt, rundir, runlock, sharded_checkpoint
+from . import checkpoint, datafiles, distributed, optim, preempt, rundir, runlock, sharded_checkpoint, trackers
 from .batches import DataOrder
 from .config import TrainConfig
 from .options import to_dict
@@ -69,6 +69,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
     start = time.perf_counter()
     check_files(cfg.eval.tasks, cfg.data)
+    r = cfg.run  # every rank checks the trackers are installed, before any folder or model; rank 0 reports
+    reporters = trackers.Reporters(r.report_to, r.output_dir, r.run_name, r.project, distributed.launched_rank() == 0)
     strategy = distributed.launcher_strategy(cfg.run.strategy)
     if strategy != cfg.run.strategy:
         if distributed.launched_rank() == 0:
@@ -79,8 +81,11 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     distributed.quiet_replica(d)
     try:
         with runlock.held_by_main(Path(cfg.run.output_dir), d, "dude train"):  # one run per folder
-            return _train(cfg, d, start, model, tokenizer, examples, collate)
+            result = _train(cfg, d, start, model, tokenizer, examples, collate, reporters)
+        reporters.finish()
+        return result
     except BaseException:
+        reporters.finish(failed=True)
         if d.is_main:  # an error found after the run folder was made (a bad row, a rank too large) leaves no trace
             rundir.remove_new_folders(new)
         raise
@@ -89,7 +94,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
 
 def _train(cfg: TrainConfig, d: distributed.Dist, start: float, model: nn.Module | None, tokenizer: Any,
-           examples: list | None, collate: Callable | None) -> TrainResult:
+           examples: list | None, collate: Callable | None, reporters: trackers.Reporters) -> TrainResult:
     from ..hub import load_model
 
     sharded = distributed.is_sharded(d, cfg.run.strategy)
@@ -116,10 +121,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist, start: float, model: nn.Module
     state.step = resumed or 0
     if d.is_main:
         _warn_disk_space(cfg, state, out)
+        reporters.start(resolved, state.step)  # before config.yaml: a tracker that fails to start leaves no run
         rundir.write_config(out, resolved)
         if not cfg.run.resume:
             datafiles.record(out, cfg.data)
-    metrics = rundir.MetricsLog(out / "metrics.jsonl", resumed) if d.is_main else None
+    metrics = rundir.MetricsLog(out / "metrics.jsonl", resumed, reporters.log_record) if d.is_main else None
     order = DataOrder(len(examples), cfg.optim.batch_size, cfg.optim.grad_accum, d.world_size, cfg.run.seed)
     with preempt.Watch() as watch:  # SIGTERM / SIGUSR1: finish the step, save, exit 128+signum
         last_loss = _run_steps(cfg, state, d, order, examples, collate, metrics, out, watch)
@@ -140,6 +146,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, start: float, model: nn.Module
                 torch.cuda.empty_cache()
         if d.is_main:
             result.eval = _evaluate(cfg, trained, tokenizer, out, d.device)
+            reporters.log(trackers.eval_metrics(result.eval), result.steps)
     distributed.barrier(d)
     return result
 

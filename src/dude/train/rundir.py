@@ -13,6 +13,7 @@ Files a training run writes (and nothing else):
     checkpoints/step-*.pt       when run.save_every > 0 (or the run was preempted),
     checkpoints/step-*.pt.manifest.json   each with its sizes and checksums
     .dude.lock                  while the run goes on (``runlock.py``: one run per folder)
+    tensorboard/                with --report-to tensorboard (trackers.py)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -32,7 +33,8 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "eval.j
 # Options that may change between a run and its --resume without changing the result.
 # optim.grad_accum changes with the number of processes; resume.py checks that the global
 # batch (batch_size x grad_accum x processes) stays the checkpoint's.
-RESUMABLE = {"run": {"output_dir", "resume", "overwrite", "progress", "log_every", "save_every", "keep_checkpoints"},
+RESUMABLE = {"run": {"output_dir", "resume", "overwrite", "progress", "log_every", "save_every", "keep_checkpoints",
+                     "report_to", "run_name", "project"},
              "optim": {"grad_accum"}}
 
 
@@ -65,6 +67,7 @@ def prepare(out: Path, config: dict[str, Any], resume: bool, overwrite: bool, cl
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            shutil.rmtree(out / "tensorboard", ignore_errors=True)  # --report-to tensorboard's events
     if clear:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -117,10 +120,10 @@ def write_config(out: Path, config: dict[str, Any]) -> None:
 
 class MetricsLog:
     """Appends one JSON line per logged step; on resume, drops lines after the checkpoint
-    (those steps are run again)."""
+    (those steps are run again). ``also`` receives every appended record (the trackers)."""
 
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
+    def __init__(self, path: Path, resume_step: int | None, also: Callable[[dict[str, Any]], None] | None = None):
+        self.path, self.also = path, also
         self.elapsed_before = 0.0  # seconds of training before a resume
         if resume_step is None:
             path.write_text("")
@@ -132,6 +135,8 @@ class MetricsLog:
     def append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self.also is not None:
+            self.also(record)
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
