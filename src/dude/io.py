@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from .adapter_files import check_adapter, check_for_save
+from .build import is_conv1d
 from .config import AdapterConfig
 from .frozen import is_linear4bit
-from .layer import is_conv1d
 from .patch import adapter_layers, apply, find_targets, get_config, merge
 
 CONFIG_NAME = "adapter_config.json"
