@@ -73,7 +73,9 @@ class AdapterLinear(nn.Module):
             self.lora_A0 = self.lora_B0 = None
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self._norm_cache: tuple | None = None
-        self._res_sq_cache: tuple | None = None
+        if not isinstance(self.residual, QuantizedWeight):  # a quantized one keeps its own
+            self.register_buffer("residual_sq_norm", frozen.row_sq_norm(residual.detach()), persistent=False)
+            self._res_sq_key = frozen.version(self.residual)
 
     # -- construction -------------------------------------------------------------------
 
@@ -121,11 +123,16 @@ class AdapterLinear(nn.Module):
         return [p for p in (self.lora_A, self.lora_B, self.magnitude) if p is not None]
 
     def _residual_sq_norm(self) -> torch.Tensor:
-        key = frozen.version(self.residual)
-        if self._res_sq_cache is None or self._res_sq_cache[0] != key:
+        """``||W_res||^2`` per row, float32 (out,): a buffer, recomputed in eager mode when the
+        residual's storage changes (a move, a load, FSDP's all-gather); read as is under
+        ``torch.compile``, where a data-pointer check would break the graph."""
+        if isinstance(self.residual, QuantizedWeight):
+            return frozen.row_sq_norm(self.residual)
+        if not torch.compiler.is_compiling() and frozen.version(self.residual) != self._res_sq_key:
             with torch.no_grad():
-                self._res_sq_cache = (key, frozen.row_sq_norm(self.residual))
-        return self._res_sq_cache[1]
+                self.residual_sq_norm = frozen.row_sq_norm(self.residual)
+            self._res_sq_key = frozen.version(self.residual)
+        return self.residual_sq_norm
 
     def weight_row_norm(self) -> torch.Tensor:
         """``||W_res + s B A||`` per output row, float32 (out,); differentiable in A and B."""
@@ -138,9 +145,10 @@ class AdapterLinear(nn.Module):
         """``g = m / ||W_res + s B A||_row`` (out,), float32."""
         if not self.detach_norm:
             return decompose.magnitude_scale(self.magnitude, self.weight_row_norm())
-        if self.training:
+        if self.training or torch.compiler.is_compiling():
             # No cache while training: fused optimizers (torch's fused AdamW, as HF Trainer
-            # picks) update parameters without bumping their version counters.
+            # picks) update parameters without bumping their version counters. None under
+            # torch.compile: its key (data pointers, versions) cannot be traced.
             with torch.no_grad():
                 norm = self.weight_row_norm()
             return decompose.magnitude_scale(self.magnitude, norm)
@@ -157,8 +165,8 @@ class AdapterLinear(nn.Module):
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fast_path or torch.is_autocast_enabled(x.device.type):
-            return self.forward_autograd(x)
+        if not self.fast_path or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+            return self.forward_autograd(x)  # under torch.compile: see compiled path in the class docstring
         dropped = self.dropout(x)
         dropped = None if dropped is x else dropped
         if self._norm_from_base_matmul():
