@@ -117,3 +117,18 @@ def test_inductor_train_step_matches_eager():
     torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
     for got, want in zip(got_grads, want_grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_4bit_frozen_part_compiles_whole_and_matches_eager():
+    """bitsandbytes registers its 4-bit matmul as a torch op: QDuDe traces without a break."""
+    pytest.importorskip("bitsandbytes")
+    model = _adapted("dude", quantize="nf4").train()
+    ids = token_batch()
+    explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+    torch._dynamo.reset()
+    want_loss, want_grads = _loss_and_grads(model, ids)
+    got_loss, got_grads = _loss_and_grads(torch.compile(model, backend="aot_eager"), ids)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-6)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
