@@ -57,6 +57,12 @@ def base_with_norm_rows(x: torch.Tensor, residual: frozen.Frozen, lora_a: torch.
     return full.resize_(n, full.shape[1]), residual_a
 
 
+def has_zero(scale: torch.Tensor) -> bool:
+    """Whether ``g`` has a zero row (a host sync; under torch.compile a graph break, which is
+    why the compiled path does not use ``AdapterFunction``: layer.py)."""
+    return not bool((scale != 0).all())
+
+
 def _accumulate_update(out, x, dropped, lora_a, lora_b, scaling):
     """``out += s h B^T`` in place, ``h = drop(x) A^T``; returns ``(out, h)``."""
     src = x if dropped is None else dropped
@@ -90,7 +96,7 @@ class AdapterFunction(torch.autograd.Function):
         wants_scale_grad = ctx.needs_input_grad[6] or (magnitude is not None and ctx.needs_input_grad[7])
         pre_scale = None
         if scale is not None:
-            if wants_scale_grad and not bool((scale != 0).all()):
+            if wants_scale_grad and has_zero(scale):
                 pre_scale = out.clone()  # z / g is undefined on these rows: keep what autograd keeps
             out.mul_(scale.to(out.dtype))
         ctx.scaling, ctx.residual = scaling, residual  # a tensor, or a 4-bit frozen.QuantizedWeight

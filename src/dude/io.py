@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from .adapter_files import check_adapter, check_for_save
+from .build import is_conv1d
 from .config import AdapterConfig
 from .frozen import is_linear4bit
-from .layer import is_conv1d
 from .safe_write import fsync_dir, guarded, tensor_bytes, warn_low_space
 from .patch import adapter_layers, apply, find_targets, get_config, merge
 

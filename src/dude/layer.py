@@ -9,86 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import decompose, frozen, fused
+from .build import frozen_part, is_conv1d
 from .config import AdapterConfig
-from .frozen import QuantizedWeight, is_linear4bit
-from .quantize import principal_factors, quantized_split
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
-
-
-def is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def _check_weight(weight: torch.Tensor, name: str) -> None:
-    """Refuse what an init cannot handle, naming why (as torchtune and PEFT do)."""
-    if weight.is_meta:
-        raise ValueError(f"{name}: weight is on the meta device; load real weights before dude.apply")
-    if not weight.is_floating_point():
-        raise TypeError(
-            f"{name}: weight dtype {weight.dtype} is not a float; dude adapts float32, bfloat16 or float16 "
-            "layers (dequantize the model first)"
-        )
-    # in row blocks: isfinite on a whole bf16 weight builds temporaries of 2.5x its size
-    if not all(bool(torch.isfinite(rows).all()) for rows in weight.split(decompose.ROW_BLOCK)):
-        raise ValueError(f"{name}: weight contains NaN or inf values; refusing to decompose it")
-
-
-def _check_rank(config: AdapterConfig, shape: tuple[int, int], name: str) -> None:
-    if config.r > min(shape):
-        raise ValueError(
-            f"{name}: rank r={config.r} exceeds min(out, in) = {min(shape)} of its "
-            f"{tuple(shape)} weight; lower AdapterConfig.r or exclude the layer (exclude_modules)"
-        )
-
-
-def _prequantized(linear: nn.Module, config: AdapterConfig, name: str) -> QuantizedWeight:
-    """The codes of a layer transformers already loaded in 4 bits (QLoRA, QDoRA on it)."""
-    state = linear.weight.quant_state
-    if config.svd_init:
-        raise ValueError(
-            f"{name} is already 4-bit (bitsandbytes {type(linear).__name__}): method={config.method!r} needs the "
-            "full-precision weight (for its SVD, and on load for the residual W - s B0 A0; packed 4-bit data is no "
-            "weight to decompose). Load the model "
-            f"in full precision (no load_in_4bit) and pass AdapterConfig(quantize={state.quant_type!r}): dude "
-            "quantizes the residual itself (QPiSSA/QDuDe)"
-        )
-    if config.quantize is not None and config.quantize != state.quant_type:
-        raise ValueError(
-            f"{name} is already {state.quant_type} (bitsandbytes {type(linear).__name__}) but "
-            f"AdapterConfig.quantize={config.quantize!r}: load the model in full precision to requantize it, "
-            "or set quantize to None or to the base's type"
-        )
-    _check_rank(config, tuple(state.shape), name)
-    return QuantizedWeight.from_linear4bit(linear)
-
-
-def _frozen_part(
-    linear: nn.Module, config: AdapterConfig, name: str, factors: tuple[torch.Tensor, torch.Tensor] | None
-) -> tuple[torch.Tensor | QuantizedWeight, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
-    """``(frozen part, (B0, A0) or None, full-precision weight (out, in) or None)`` of a layer.
-
-    The frozen part is ``W - s B0 A0`` (pissa/dude) or ``W`` (lora/dora), dense, or in 4 bits
-    with ``config.quantize`` (quantize.py), or the codes of a bitsandbytes ``Linear4bit``.
-    """
-    if is_linear4bit(linear):
-        return _prequantized(linear, config, name), None, None
-    weight = linear.weight.T if is_conv1d(linear) else linear.weight  # (out, in)
-    _check_weight(weight, name)
-    _check_rank(config, weight.shape, name)
-    weight, loaded = weight.detach(), factors is not None
-    if config.svd_init and not loaded:
-        factors = principal_factors(weight, config)
-    if config.quantize is not None:  # on load, the saved B0, A0 give the same Q: no alternation
-        quantized, factors = quantized_split(weight, config, factors, refine=not loaded, name=name)
-        return quantized, factors, weight
-    if config.svd_init:
-        return decompose.residual_weight(weight, *factors, config.scaling), factors, weight
-    # LoRA/DoRA: the residual is the weight itself, shared, not copied.
-    return (weight.contiguous() if is_conv1d(linear) else weight), None, weight
+from .frozen import QuantizedWeight
 
 
 class AdapterLinear(nn.Module):
@@ -150,7 +73,9 @@ class AdapterLinear(nn.Module):
             self.lora_A0 = self.lora_B0 = None
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self._norm_cache: tuple | None = None
-        self._res_sq_cache: tuple | None = None
+        if not isinstance(self.residual, QuantizedWeight):  # a quantized one keeps its own
+            self.register_buffer("residual_sq_norm", frozen.row_sq_norm(residual.detach()), persistent=False)
+            self._res_sq_key = frozen.version(self.residual)
 
     # -- construction -------------------------------------------------------------------
 
@@ -172,7 +97,7 @@ class AdapterLinear(nn.Module):
         """
         conv1d = is_conv1d(linear)
         with torch.no_grad():
-            residual, initial_factors, weight = _frozen_part(linear, config, name, initial_factors)
+            residual, initial_factors, weight = frozen_part(linear, config, name, initial_factors)
             bias = None if linear.bias is None else linear.bias.detach()
             layer = cls(residual, bias, config, fan_in_fan_out=conv1d, origin=type(linear))
             if config.svd_init:
@@ -198,11 +123,16 @@ class AdapterLinear(nn.Module):
         return [p for p in (self.lora_A, self.lora_B, self.magnitude) if p is not None]
 
     def _residual_sq_norm(self) -> torch.Tensor:
-        key = frozen.version(self.residual)
-        if self._res_sq_cache is None or self._res_sq_cache[0] != key:
+        """``||W_res||^2`` per row, float32 (out,): a buffer, recomputed in eager mode when the
+        residual's storage changes (a move, a load, FSDP's all-gather); read as is under
+        ``torch.compile``, where a data-pointer check would break the graph."""
+        if isinstance(self.residual, QuantizedWeight):
+            return frozen.row_sq_norm(self.residual)
+        if not torch.compiler.is_compiling() and frozen.version(self.residual) != self._res_sq_key:
             with torch.no_grad():
-                self._res_sq_cache = (key, frozen.row_sq_norm(self.residual))
-        return self._res_sq_cache[1]
+                self.residual_sq_norm = frozen.row_sq_norm(self.residual)
+            self._res_sq_key = frozen.version(self.residual)
+        return self.residual_sq_norm
 
     def weight_row_norm(self) -> torch.Tensor:
         """``||W_res + s B A||`` per output row, float32 (out,); differentiable in A and B."""
@@ -215,9 +145,10 @@ class AdapterLinear(nn.Module):
         """``g = m / ||W_res + s B A||_row`` (out,), float32."""
         if not self.detach_norm:
             return decompose.magnitude_scale(self.magnitude, self.weight_row_norm())
-        if self.training:
+        if self.training or torch.compiler.is_compiling():
             # No cache while training: fused optimizers (torch's fused AdamW, as HF Trainer
-            # picks) update parameters without bumping their version counters.
+            # picks) update parameters without bumping their version counters. None under
+            # torch.compile: its key (data pointers, versions) cannot be traced.
             with torch.no_grad():
                 norm = self.weight_row_norm()
             return decompose.magnitude_scale(self.magnitude, norm)
@@ -234,8 +165,8 @@ class AdapterLinear(nn.Module):
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fast_path or torch.is_autocast_enabled(x.device.type):
-            return self.forward_autograd(x)
+        if not self.fast_path or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+            return self.forward_autograd(x)  # under torch.compile: see compiled path in the class docstring
         dropped = self.dropout(x)
         dropped = None if dropped is x else dropped
         if self._norm_from_base_matmul():

@@ -7,8 +7,9 @@ import re
 import torch
 from torch import nn
 
+from .build import is_adaptable
 from .config import AdapterConfig
-from .layer import AdapterLinear, is_adaptable
+from .layer import AdapterLinear
 
 CONFIG_ATTR = "dude_config"  # where apply() leaves the AdapterConfig on the model
 

@@ -105,6 +105,8 @@ class RunConfig:
     keep_checkpoints: int = opt(2, "keep the newest N checkpoints (0: all)")
     log_every: int = opt(1, "append to metrics.jsonl every N steps")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% slower)")
+    compile: bool = opt(False, "torch.compile the model (each block with gradient checkpointing or fsdp); "
+                               "the first step compiles (30-100 s on SmolLM2 on CPU)")
     precision: str = opt("auto", f"one of {PRECISIONS}; auto: bf16 autocast on GPU, fp32 on CPU")
     device: str = opt("auto", "auto, cpu or cuda")
     strategy: str = opt("ddp", "multi-process strategy under torchrun: ddp, or fsdp (FSDP2: shards the base too)")

@@ -24,7 +24,8 @@ from .. import patch
 from ..data import collate_sft
 from ..io import load as load_adapter
 from ..io import save as save_adapter
-from . import checkpoint, datafiles, distributed, optim, preempt, rundir, runlock, sharded_checkpoint, trackers
+from . import (checkpoint, compiling, datafiles, distributed, optim, preempt, rundir, runlock, sharded_checkpoint,
+               trackers)
 from .batches import DataOrder
 from .config import TrainConfig
 from .options import to_dict
@@ -182,6 +183,9 @@ def _setup(cfg: TrainConfig, model: nn.Module, d: distributed.Dist) -> _State:
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
     model.train()
+    if cfg.run.compile:
+        compiling.compile_model(model, per_block=cfg.run.gradient_checkpointing or
+                                distributed.is_sharded(d, cfg.run.strategy))
     wrapped = distributed.wrap(model, d, cfg.run.strategy)
     params = patch.adapter_parameters(model)  # after wrap: FSDP2 replaces them by shards
     optimizer = optim.build_optimizer(params, cfg.optim)

@@ -1,0 +1,142 @@
+"""torch.compile: compiled vs eager training steps, DuDe vs LoRA vs PEFT DoRA+PiSSA (issue 21).
+
+    python -m benchmarks.compile --section smollm2   # ~8 min on an idle 2-core CPU
+    python -m benchmarks.compile --section layers    # 7B-shaped single layers, ~4 min
+    python -m benchmarks.compile --section memory    # peak RSS, one child per configuration, ~5 min
+
+Every variant is built, compiled (inductor, ``torch.compile(model)``) and stepped once,
+with dynamo's counters read around that first step (graphs, graph breaks, recompiles);
+then all variants of a section are timed in interleaved rounds in one process
+(harness.interleaved, one more warm-up round) and ratios are of medians from that run.
+``dude-dude:fusedfn`` is the alternative compiled path: ``fused.AdapterFunction`` traced
+with its zero-``g`` check off (``fused.has_zero``, a host sync that breaks the graph);
+exact only while no ``g`` is zero, so a measurement, not a shipped path. Results go to
+``results/<machine>-cpu-compile-<section>-<date>.json`` with the load average at start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import types
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from dude import adapter_layers, fused
+
+from . import builders, harness
+from .train import make_step, peak_memory
+
+HERE = Path(__file__).resolve().parent
+EAGER = ["dude-lora", "dude-dora", "dude-pissa", "dude-dude"]
+COMPILED = [f"{m}:compiled" for m in EAGER] + ["peft-dora+pissa:compiled", "dude-dude:fusedfn"]
+SMOLLM2 = {"kind": "smollm2", "batch": 4, "seq": 128}
+LAYERS = [(4096, 4096), (11008, 4096)]
+
+
+def _dynamo_counts() -> dict:
+    c = torch._dynamo.utils.counters
+    return {"graphs": c["stats"]["unique_graphs"], "graph_breaks": sum(c["graph_break"].values()),
+            "frames": c["frames"]["total"], "recompile_limit_hits": sum(c["recompile_limit"].values()) if
+            "recompile_limit" in c else 0}
+
+
+class _Own(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **batch):
+        return self.inner(**batch)
+
+
+def _fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """``AdapterLinear.forward``'s eager fused branch (dropout 0, dense residual), kept under compile."""
+    scale = None if layer.magnitude is None else layer.magnitude_scale()
+    out = fused.adapter_forward(x, None, layer.residual, layer.lora_A, layer.lora_B, layer.scaling, scale)
+    return out if layer.bias is None else out + layer.bias
+
+
+def build(base, batch, targets, name: str, r: int, alpha: float):
+    """``(step, dynamo counts of its first, compiling step or None)``."""
+    method, _, variant = name.partition(":")
+    torch.manual_seed(0)
+    model = builders.adapt(base, method, r=r, alpha=alpha, targets=targets)
+    if not variant:
+        return make_step(model, batch), None
+    torch._dynamo.utils.counters.clear()
+    # fusedfn: a wrapper of its own, so dynamo traces afresh (the layers' instance ``forward``
+    # is not guarded on; with the model's own code it reused dude-dora's compiled graph)
+    compiled = torch.compile(_Own(model) if variant == "fusedfn" else model)
+    step = make_step(compiled, batch)
+    model.train()
+    keep = fused.has_zero
+    if variant == "fusedfn":  # the fused function under compile: its zero check off while tracing
+        fused.has_zero = lambda scale: False
+        for layer in adapter_layers(model).values():
+            layer.forward = types.MethodType(_fused_forward, layer)
+    try:
+        step()
+    finally:
+        fused.has_zero = keep
+    return step, _dynamo_counts()
+
+
+def time_section(spec: dict, *, r: int, alpha: float, rounds: int, log=print) -> dict:
+    base, batch, targets = builders.workload(spec)
+    steps, counts = {}, {}
+    for name in EAGER + COMPILED:
+        log(f"  building {name}")
+        steps[name], counts[name] = build(base, batch, targets, name, r, alpha)
+    times = harness.interleaved(steps, rounds=rounds, warmup=1, log=log)
+    return {"times": times, "dynamo": {k: v for k, v in counts.items() if v is not None},
+            "ratios": ratios(times)}
+
+
+def ratios(times: dict) -> dict:
+    med = {k: v["median"] for k, v in times.items()}
+    out = {"compiled dude / compiled dude-lora": med["dude-dude:compiled"] / med["dude-lora:compiled"],
+           "compiled dude / compiled peft dora+pissa": med["dude-dude:compiled"] / med["peft-dora+pissa:compiled"],
+           "compiled fused function / compiled formula (dude)": med["dude-dude:fusedfn"] / med["dude-dude:compiled"]}
+    for m in EAGER:
+        out[f"compiled / eager ({m})"] = med[f"{m}:compiled"] / med[m]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", choices=["smollm2", "layers", "memory"], required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    env = harness.environment("cpu")
+    print(f"compile benchmark {args.section}: torch {env['torch']}, load {env.get('loadavg_start')}", flush=True)
+    doc: dict = {"env": env, "section": args.section, "rounds": args.rounds}
+    if args.section == "smollm2":
+        doc["smollm2"] = time_section(SMOLLM2, r=16, alpha=16, rounds=args.rounds)
+    elif args.section == "layers":
+        for out, inp in LAYERS:
+            spec = {"kind": "layer", "out": out, "in": inp, "tokens": 512}
+            print(f"== layer {out}x{inp}", flush=True)
+            doc[f"layer {out}x{inp} r=16 tokens=512"] = time_section(spec, r=16, alpha=16, rounds=args.rounds)
+    else:
+        doc["memory"] = {name: peak_memory(SMOLLM2, name, r=16, alpha=16, steps=2, threads=args.threads)
+                         for name in ["dude-lora", "dude-lora:compiled", "dude-dude", "dude-dude:compiled"]}
+    env["loadavg_end"] = os.getloadavg()
+    text = json.dumps(doc, indent=1)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{env['machine']}-cpu-compile-{args.section}-{datetime.now():%Y%m%d-%H%M}.json"
+    path.write_text(text)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
