@@ -217,7 +217,7 @@ def test_compare_gives_each_run_its_own_name(monkeypatch, tmp_path):
     from dude.train.options import build
 
     sent = []
-    monkeypatch.setattr(runner, "_subprocess", lambda command, config, path: sent.append(config) or 0)
+    monkeypatch.setattr(runner, "_subprocess", lambda command, config, path: (sent.append(config) or 0, None))
     for run_name, prefix in ((None, "cmp"), ("sweep", "sweep")):
         cfg = build(CompareConfig, {"run": {"output_dir": str(tmp_path / "cmp"), "report_to": ["tensorboard"],
                                             "run_name": run_name}})
