@@ -113,7 +113,7 @@ def test_ddp_two_processes_match_one_process_accumulating(runs):
     for key in ddp:  # same micro-batches; only the order of the gradient sum differs
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5)
     assert _losses(runs / "ddp") == pytest.approx(_losses(runs / "single"), rel=1e-5)
-    assert {p.name for p in (runs / "ddp" / "checkpoints").iterdir()} == {"step-000002.pt"}
+    assert {p.name for p in (runs / "ddp" / "checkpoints").iterdir()} == {"step-000002.pt", "step-000002.pt.manifest.json"}
     assert _answers(runs / "ddp") == _answers(runs / "single")
 
 
