@@ -37,7 +37,10 @@ class AdapterLinear(nn.Module):
     ``forward`` runs ``fused.AdapterFunction`` (one base matmul, the update accumulated in
     place, the output saved instead of a pre-scale copy); ``fast_path = False`` on the class
     or an instance selects ``forward_autograd``, the same formula by plain autograd ops,
-    which is also used under autocast.
+    which is also used under autocast and under ``torch.compile``. There the compiler fuses
+    the elementwise passes itself, and the caches stay out of the graph: the eval-mode norm
+    is recomputed on every call and ``||W_res||^2`` is a buffer read as is, so nothing is
+    guarded on data pointers or versions (tests/test_compile.py checks both paths agree).
     """
 
     fast_path = True
@@ -166,7 +169,7 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fast_path or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
-            return self.forward_autograd(x)  # under torch.compile: see compiled path in the class docstring
+            return self.forward_autograd(x)  # torch.compile: see the class docstring
         dropped = self.dropout(x)
         dropped = None if dropped is x else dropped
         if self._norm_from_base_matmul():
