@@ -216,14 +216,22 @@ def test_compare_gives_each_run_its_own_name(monkeypatch, tmp_path):
     from dude.compare import runner
     from dude.train.options import build
 
+    class Sent(Exception):
+        """The config of the train process that would start (none starts)."""
+
+    def capture(command, config, path):
+        raise Sent(config)
+
+    monkeypatch.setattr(runner, "_subprocess", capture)
     sent = []
-    monkeypatch.setattr(runner, "_subprocess", lambda command, config, path: (sent.append(config) or 0, None))
     for run_name, prefix in ((None, "cmp"), ("sweep", "sweep")):
         cfg = build(CompareConfig, {"run": {"output_dir": str(tmp_path / "cmp"), "report_to": ["tensorboard"],
                                             "run_name": run_name}})
         for seed in (0, 1):
             for method in ("lora", "dude"):
-                runner._train_one(cfg, tmp_path / "cmp", method, seed)
+                with pytest.raises(Sent) as caught:
+                    runner._train_one(cfg, tmp_path / "cmp", method, seed)
+                sent.append(caught.value.args[0])
     names = [c.run.run_name for c in sent]
     assert names == [f"{p}/{m}-seed{s}" for p in ("cmp", "sweep") for s in (0, 1) for m in ("lora", "dude")]
     assert all(c.run.report_to == ["tensorboard"] for c in sent)
