@@ -88,3 +88,14 @@ def test_yaml_floats_without_a_dot_are_numbers(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"optim": {"lr": "3e-4"}}))  # YAML 1.1 reads 3e-4 as a string
     assert build(TrainConfig, load_yaml(path)).optim.lr == 3e-4
+
+
+def test_list_flags_of_numbers_are_numbers():
+    """`dude compare --seeds 0 1`: argparse gives strings; a list of ints takes ints."""
+    from dude.cli import build_parser
+    from dude.train.options import resolve
+
+    args = build_parser().parse_args(["compare", "--seeds", "0", "1"])
+    assert resolve(CompareConfig, None, args).compare.seeds == [0, 1]
+    with pytest.raises(ValueError, match=r"compare.seeds\[0\] must be an integer, got 'x'"):
+        resolve(CompareConfig, None, build_parser().parse_args(["compare", "--seeds", "x"]))

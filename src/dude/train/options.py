@@ -227,7 +227,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, help_fallback: dict[st
                 kwargs.update(nargs="+", metavar="KEY=VALUE", type=_key_value)  # overrides the metavar
             elif typing.get_origin(hint) is list or (typing.get_origin(hint) in (Union, types.UnionType)
                                                       and list in map(typing.get_origin, typing.get_args(hint))):
-                kwargs.update(nargs="*", type=_parse_value(str))  # no value: the empty list
+                item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else str
+                kwargs.update(nargs="*", type=_parse_value(item if item in (int, float) else str))  # none: []
             else:
                 kwargs["type"] = _parse_value(hint)
                 if typing.get_origin(hint) is Literal:
