@@ -149,7 +149,7 @@ def table(result: dict[str, Any]) -> str:
         std = f" ± {m['final_loss_std']:.3f}" if m["final_loss_std"] is not None else ""
         row = [method, _fmt(m["lr"], "g"), f"{m['final_loss']:.3f}{std}", _fmt(m["steps_to_target"], ".0f")]
         for name, key in columns:
-            change = m[f"{'response_loss' if key == 'response_loss' else 'accuracy'}_change"].get(name)
+            change = m[f"{key}_change"].get(name)
             row.append(_fmt(m[key].get(name), ".3f") + (f" ({change:+.3f})" if change is not None else ""))
         rows.append(row + [_fmt(m["train_wall_time_s"], ".0f"), _fmt(m["peak_memory_mb"], ".0f")])
     lines = ["| " + " | ".join(r) + " |" for r in rows]
