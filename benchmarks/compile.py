@@ -56,8 +56,11 @@ class _Own(torch.nn.Module):
 
 def _fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """``AdapterLinear.forward``'s eager fused branch (dropout 0, dense residual), kept under compile."""
-    scale = None if layer.magnitude is None else layer.magnitude_scale()
-    out = fused.adapter_forward(x, None, layer.residual, layer.lora_A, layer.lora_B, layer.scaling, scale)
+    if torch.is_grad_enabled() and layer._norm_from_rows(x):
+        scale, norm_inside = None, (layer.magnitude, layer._residual_sq_norm())
+    else:
+        scale, norm_inside = (None if layer.magnitude is None else layer.magnitude_scale()), None
+    out = fused.adapter_forward(x, None, layer.residual, layer.lora_A, layer.lora_B, layer.scaling, scale, norm_inside)
     return out if layer.bias is None else out + layer.bias
 
 

@@ -76,6 +76,33 @@ def test_fast_path_equals_plain_autograd_in_fp32(method):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fast_path", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_norm_from_extra_rows_equals_the_separate_norm(fast_path, dropout, monkeypatch):
+    """Training in float32 with a detached norm, ``W_res A^T`` comes as r extra rows of the
+    base matmul (``[x; A] W_res^T``, dude.norm_rows) on both paths: the same output and
+    gradients, x's included, as the norm from its own product, also where g = 0."""
+    layer = _layer("dude", dropout=dropout).train()
+    layer.fast_path = fast_path
+    with torch.no_grad():
+        layer.magnitude[3] = 0.0
+    x = torch.randn(3, 5, 24)
+    assert layer._norm_from_rows(x)
+    results = []
+    for rows in (True, False):
+        monkeypatch.setattr(AdapterLinear, "_norm_from_rows", lambda self, x, rows=rows: rows)
+        torch.manual_seed(1)  # the same dropout mask
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        results.append((y, *_grads(layer, xi, y)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    layer.eval()
+    assert not layer._norm_from_rows(x)  # eager eval: the cached norm instead
+    assert not _layer("dude", dtype=torch.bfloat16).train()._norm_from_rows(x.bfloat16())  # A inexact in bf16
+    assert not _layer("dude", detach_norm=False).train()._norm_from_rows(x)  # the norm's own gradient
+
+
 def test_zero_magnitude_rows_keep_an_exact_gradient():
     layer = _layer("dude", bias=False)
     with torch.no_grad():

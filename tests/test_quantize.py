@@ -69,11 +69,11 @@ def test_norm_from_the_base_matmul_equals_the_separate_norm(dropout, monkeypatch
     with torch.no_grad():
         layer.magnitude[3] = 0.0
     layer.train()
-    assert layer._norm_from_base_matmul()
+    assert layer._norm_from_rows(torch.zeros(1, 96))
     x = torch.randn(3, 5, 96)
     results = []
     for inside in (True, False):
-        monkeypatch.setattr(type(layer), "_norm_from_base_matmul", lambda self, inside=inside: inside)
+        monkeypatch.setattr(type(layer), "_norm_from_rows", lambda self, x, inside=inside: inside)
         torch.manual_seed(1)  # the same dropout mask
         xi = x.clone().requires_grad_(True)
         out = layer(xi)
@@ -82,7 +82,7 @@ def test_norm_from_the_base_matmul_equals_the_separate_norm(dropout, monkeypatch
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert torch.equal(results[0][0][..., 3].detach(), layer.bias[3].expand(3, 5))  # g = 0: only the bias
     layer.eval()
-    assert not layer._norm_from_base_matmul()
+    assert not layer._norm_from_rows(torch.zeros(1, 96))
 
 
 def test_magnitude_at_init_full_or_quantized():

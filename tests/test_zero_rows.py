@@ -82,7 +82,7 @@ def test_zero_rows_through_apply_training_save_load_and_merge(tmp_path, method, 
 
     with pytest.warns(UserWarning, match=r"zero norm .* PEFT's DoRA gives NaN there \(peft#2049\)"):
         dude.save(model, tmp_path)
-    reloaded = dude.load(_pruned(), tmp_path)
+    reloaded = dude.load(_pruned(), tmp_path).eval()  # eval as ``trained``: training forms g's W_res A^T with x
     assert torch.equal(reloaded(ids).logits, trained)
 
     merged = dude.merge(reloaded)

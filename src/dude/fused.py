@@ -15,9 +15,10 @@ Saved for backward: ``drop(x)`` (needed by ``dA``, as in LoRA), ``h = drop(x) A^
 parameters. ``g`` must not be zero where it needs a gradient; ``g == 0`` rows (a zero
 magnitude) keep the pre-scale output instead, exactly as autograd would.
 
-Training on a 4-bit residual (float32 compute, norm detached), ``g``'s ``W_res A^T`` is
-formed from ``r`` extra rows of the forward's 4-bit matmul, ``[x; A] deq(Q)^T``, instead of
-a second dequantization of ``Q`` (``base_with_norm_rows``).
+Training in float32 compute with the norm detached, ``g``'s ``W_res A^T`` is formed from
+``r`` extra rows of the forward's matmul, ``[x; A] W_res^T`` (``base_with_norm_rows``),
+instead of a second pass over ``W_res`` (a dense one is read again for ``r`` columns; a
+4-bit one is dequantized again); dude.norm_rows is the same product for the plain path.
 """
 
 from __future__ import annotations
@@ -46,14 +47,17 @@ def adapter_matmuls(
 def base_with_norm_rows(x: torch.Tensor, residual: frozen.Frozen, lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x W_res^T (N, out), W_res A^T (out, r) float32)`` from one base matmul of ``[x; A]``.
 
-    For a 4-bit residual the norm's ``W_res A^T`` otherwise dequantizes ``Q`` a second time
-    and reads it again; as ``r`` extra rows of the forward's matmul it costs ``r / N`` of it.
+    As a product of its own, the norm's ``W_res A^T`` reads ``W_res`` a second time (for a
+    4-bit residual, dequantizes ``Q`` again); as ``r`` extra rows it costs ``r / N`` of the
+    forward's matmul.
     Only where ``A`` is exact in the compute dtype (float32); the extra rows are copied out
     and the output shrunk in place, so it is a tensor of its own, not a view.
     """
     n = x.shape[0]
     full = frozen.linear(torch.cat([x, lora_a.to(x.dtype)]), residual)  # (N + r, out)
     residual_a = full[n:].to(torch.float32, copy=True).T  # (out, r)
+    if torch.compiler.is_compiling():  # dynamo does not trace resize_; a view serves there
+        return full[:n], residual_a
     return full.resize_(n, full.shape[1]), residual_a
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import decompose, frozen, fused
+from . import decompose, frozen, fused, norm_rows
 from .build import frozen_part, is_conv1d
 from .config import AdapterConfig
 from .frozen import QuantizedWeight
@@ -30,7 +30,9 @@ class AdapterLinear(nn.Module):
     float32 when the base is half precision (as PEFT's ``autocast_adapter_dtype``).
     ``lora_A0``/``lora_B0`` keep the initial factors of PiSSA and DuDe for exact export.
 
-    The norm never forms ``B @ A``: see ``decompose.row_norm_factored``. In eval mode with
+    The norm never forms ``B @ A``: see ``decompose.row_norm_factored``. Its ``W_res A^T``
+    comes from ``r`` extra rows of the base matmul when no gradient flows through the norm
+    and the compute is float32 (``_norm_from_rows``, dude.norm_rows). In eval mode with
     a detached norm, ``g`` is cached across batches until a parameter changes (tracked by
     tensor version counters, and dropped on every ``train()``/``eval()`` switch).
 
@@ -172,7 +174,7 @@ class AdapterLinear(nn.Module):
             return self.forward_autograd(x)  # torch.compile: see the class docstring
         dropped = self.dropout(x)
         dropped = None if dropped is x else dropped
-        if self._norm_from_base_matmul():
+        if torch.is_grad_enabled() and self._norm_from_rows(x):
             scale, norm_inside = None, (self.magnitude, self._residual_sq_norm())
         else:
             scale, norm_inside = (None if self.magnitude is None else self.magnitude_scale()), None  # (out,) float32
@@ -181,21 +183,31 @@ class AdapterLinear(nn.Module):
         )
         return out if self.bias is None else out + self.bias
 
-    def _norm_from_base_matmul(self) -> bool:
-        """Training a 4-bit float32-compute residual with a detached norm: ``W_res A^T`` comes
-        as ``r`` extra rows of the forward's 4-bit matmul (``fused.base_with_norm_rows``)
-        instead of a second dequantization of ``Q``."""
-        return (self.magnitude is not None and self.detach_norm and self.training and torch.is_grad_enabled()
-                and isinstance(self.residual, QuantizedWeight) and self.residual.dtype == torch.float32)
+    def _norm_from_rows(self, x: torch.Tensor) -> bool:
+        """Whether ``g``'s ``W_res A^T`` comes as ``r`` extra rows of the base matmul, ``[x; A]
+        W_res^T`` (``norm_rows``; ``fused.base_with_norm_rows`` on the fused path), instead of
+        a second pass over ``W_res`` or a second dequantization of ``Q``: a norm without
+        gradient, float32 compute, in training or under torch.compile (in eager eval the
+        norm is cached instead)."""
+        return (self.magnitude is not None and (self.detach_norm or not torch.is_grad_enabled())
+                and (self.training or torch.compiler.is_compiling()) and norm_rows.applies(self.residual, x))
 
     def forward_autograd(self, x: torch.Tensor) -> torch.Tensor:
         """The same function by plain autograd ops (used under autocast, and as a baseline)."""
-        base = frozen.linear(x, self.residual)  # (..., out), one base matmul even with dropout
+        if self._norm_from_rows(x):  # g's W_res A^T from r extra rows of the base matmul
+            base, residual_a = norm_rows.base_with_norm_rows(x, self.residual, self.lora_A)
+            with torch.no_grad():
+                norm = decompose.row_norm_factored(residual_a, self._residual_sq_norm(), self.lora_A,
+                                                   self.lora_B, self.scaling)
+            scale = decompose.magnitude_scale(self.magnitude, norm)
+        else:
+            base = frozen.linear(x, self.residual)  # (..., out), one base matmul even with dropout
+            scale = None if self.magnitude is None else self.magnitude_scale()
         hidden = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
         update = F.linear(hidden, self.lora_B * self.scaling)  # (..., out)
         out = base + update.to(base.dtype)
-        if self.magnitude is not None:
-            out = out * self.magnitude_scale().to(out.dtype)
+        if scale is not None:
+            out = out * scale.to(out.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out
