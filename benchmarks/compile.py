@@ -1,7 +1,7 @@
 """torch.compile: compiled vs eager training steps, DuDe vs LoRA vs PEFT DoRA+PiSSA (issue 21).
 
     python -m benchmarks.compile --section smollm2   # ~8 min on an idle 2-core CPU
-    python -m benchmarks.compile --section layers    # 7B-shaped single layers, ~4 min
+    python -m benchmarks.compile --section layers    # 7B-shaped single layers, ~4 min per --tokens
     python -m benchmarks.compile --section memory    # peak RSS, one child per configuration, ~5 min
 
 Every variant is built, compiled (inductor, ``torch.compile(model)``) and stepped once,
@@ -113,7 +113,9 @@ def ratios(times: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--section", choices=["smollm2", "layers", "memory"], required=True)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512],
+                        help="tokens per step of the layers section (the norm's rows cost r / tokens of the base matmul)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
@@ -124,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.section == "smollm2":
         doc["smollm2"] = time_section(SMOLLM2, r=16, alpha=16, rounds=args.rounds)
     elif args.section == "layers":
-        for out, inp in LAYERS:
-            spec = {"kind": "layer", "out": out, "in": inp, "tokens": 512}
-            print(f"== layer {out}x{inp}", flush=True)
-            doc[f"layer {out}x{inp} r=16 tokens=512"] = time_section(spec, r=16, alpha=16, rounds=args.rounds)
+        for tokens in args.tokens:
+            for out, inp in LAYERS:
+                spec = {"kind": "layer", "out": out, "in": inp, "tokens": tokens}
+                print(f"== layer {out}x{inp}, {tokens} tokens", flush=True)
+                doc[f"layer {out}x{inp} r=16 tokens={tokens}"] = time_section(spec, r=16, alpha=16, rounds=args.rounds)
     else:
         doc["memory"] = {name: peak_memory(SMOLLM2, name, r=16, alpha=16, steps=2, threads=args.threads)
                          for name in ["dude-lora", "dude-lora:compiled", "dude-dude", "dude-dude:compiled"]}
