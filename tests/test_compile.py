@@ -132,3 +132,22 @@ def test_4bit_frozen_part_compiles_whole_and_matches_eager():
     torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-6)
     for got, want in zip(got_grads, want_grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_residual_norm_buffer_follows_a_cast_and_a_load():
+    """The compiled path reads ``||W_res||^2`` without the eager path's storage check, so a
+    cast or a load refreshes it at once: float32, from the residual as it now is."""
+    model = _adapted("dude").to(torch.bfloat16)
+    layers = list(dude.adapter_layers(model).values())
+    for layer in layers:
+        assert layer.residual_sq_norm.dtype == torch.float32
+        torch.testing.assert_close(layer.residual_sq_norm, layer.residual.float().square().sum(1), atol=1e-6, rtol=1e-5)
+    model = _adapted("dude").train()
+    state = {k: v * 1.5 if k.endswith("residual") else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    for layer in dude.adapter_layers(model).values():
+        torch.testing.assert_close(layer.residual_sq_norm, layer.residual.square().sum(1), atol=1e-6, rtol=1e-5)
+    ids = token_batch()
+    got_loss, _ = _loss_and_grads(torch.compile(model, backend="aot_eager"), ids)
+    want_loss, _ = _loss_and_grads(model, ids)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-6)

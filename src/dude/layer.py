@@ -81,6 +81,7 @@ class AdapterLinear(nn.Module):
         if not isinstance(self.residual, QuantizedWeight):  # a quantized one keeps its own
             self.register_buffer("residual_sq_norm", frozen.row_sq_norm(residual.detach()), persistent=False)
             self._res_sq_key = frozen.version(self.residual)
+            self.register_load_state_dict_post_hook(self._refresh_residual_sq_norm)
 
     # -- construction -------------------------------------------------------------------
 
@@ -129,15 +130,28 @@ class AdapterLinear(nn.Module):
 
     def _residual_sq_norm(self) -> torch.Tensor:
         """``||W_res||^2`` per row, float32 (out,): a buffer, recomputed in eager mode when the
-        residual's storage changes (a move, a load, FSDP's all-gather); read as is under
-        ``torch.compile``, where a data-pointer check would break the graph."""
+        residual's storage changes (FSDP's all-gather, an in-place write); read as is under
+        ``torch.compile``, where a data-pointer check would break the graph, so a move, a
+        cast or a load recomputes it at once (``_apply``, the load hook)."""
         if isinstance(self.residual, QuantizedWeight):
             return frozen.row_sq_norm(self.residual)
         if not torch.compiler.is_compiling() and frozen.version(self.residual) != self._res_sq_key:
-            with torch.no_grad():
-                self.residual_sq_norm = frozen.row_sq_norm(self.residual)
-            self._res_sq_key = frozen.version(self.residual)
+            self._refresh_residual_sq_norm()
         return self.residual_sq_norm
+
+    def _refresh_residual_sq_norm(self, *_hook_args) -> None:
+        if isinstance(self.residual, QuantizedWeight) or type(self.residual.data) is not torch.Tensor:
+            return  # a 4-bit weight keeps its own; an FSDP shard is read after its all-gather
+        with torch.no_grad():
+            self.residual_sq_norm = frozen.row_sq_norm(self.residual.detach())
+        self._res_sq_key = frozen.version(self.residual)
+
+    def _apply(self, fn, recurse=True):
+        """``.to``, ``.cuda``, ``.half`` cast the float32 ``||W_res||^2`` buffer with the rest:
+        it is recomputed from the moved residual instead."""
+        super()._apply(fn, recurse)
+        self._refresh_residual_sq_norm()
+        return self
 
     def weight_row_norm(self) -> torch.Tensor:
         """``||W_res + s B A||`` per output row, float32 (out,); differentiable in A and B."""
