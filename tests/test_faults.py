@@ -221,6 +221,47 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumes(dam
     assert _same(_adapter(full), _adapter(run))
 
 
+def test_a_torn_metrics_line_and_temp_leftovers_of_a_killed_run_do_not_stop_resume(tmp_path, capsys):
+    """What a SIGKILL while writing leaves: a half-written last line of metrics.jsonl, a
+    checkpoint's temp file and a sharded checkpoint's staging folder. The resume drops the
+    line (with a warning), deletes the leftovers and ends where the uninterrupted run did."""
+    run, full = _cut_metrics(tmp_path), tmp_path / "full"
+    for step, path in list_checkpoints(run):
+        if step > 4:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            Path(f"{path}.manifest.json").unlink(missing_ok=True)
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(lines[:4]) + lines[4][: len(lines[4]) // 2])
+    leftovers = [run / "checkpoints" / ".tmp-step-000006.pt.99999", run / "checkpoints" / ".tmp-step-000006",
+                 run / ".tmp-loss.99999.png"]
+    leftovers[0].write_bytes(b"partial")
+    leftovers[1].mkdir()
+    (leftovers[1] / "__0_0.distcp").write_bytes(b"partial")
+    leftovers[2].write_bytes(b"partial")
+    capsys.readouterr()
+    train(_cfg(run, save_every=2, keep_checkpoints=0, resume=True), tiny_llama(), _Tok(), _examples())
+    captured = capsys.readouterr()
+    assert f"warning: the last line of {str(run / 'metrics.jsonl')!r} was cut short while being written" in captured.err
+    assert f"continuing from {run / 'checkpoints' / 'step-000004.pt'}" in captured.out
+    assert not any(p.exists() for p in leftovers)
+    assert _same(_adapter(full), _adapter(run))
+    assert _steps(run) == list(range(1, 7))
+
+
+def test_damage_inside_metrics_is_named_not_skipped(tmp_path):
+    run = _cut_metrics(tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(lines[:2]) + "{not json\n" + "".join(lines[3:]))
+    with pytest.raises(ValueError, match=r"metrics.jsonl' line 3 is not JSON .*; repair or delete that line"):
+        train(_cfg(run, save_every=2, keep_checkpoints=0, resume=True), tiny_llama(), _Tok(), _examples())
+
+
+def _cut_metrics(tmp_path: Path) -> Path:
+    full = tmp_path / "full"
+    train(_cfg(full, save_every=2, keep_checkpoints=0), tiny_llama(), _Tok(), _examples())
+    return _cut(full, tmp_path / "run")
+
+
 def test_no_whole_checkpoint_refuses_and_never_starts_over(tmp_path, tiny, capsys):
     run = tmp_path / "run"
     assert main(tiny_train_args(tiny, run, 4, "--save-every", "2", "--keep-checkpoints", "0")) == 0

@@ -13,6 +13,7 @@ Files a training run writes (and nothing else):
     checkpoints/step-*.pt       when run.save_every > 0 (or the run was preempted),
     checkpoints/step-*.pt.manifest.json   each with its sizes and checksums
     .dude.lock                  while the run goes on (``runlock.py``: one run per folder)
+    .tmp-*                      what a run killed while writing leaves; a --resume deletes it
     tensorboard/                with --report-to tensorboard (trackers.py)
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,6 +60,8 @@ def prepare(out: Path, config: dict[str, Any], resume: bool, overwrite: bool, cl
         if diff:
             raise ValueError(f"--resume: the config differs from the run in {str(out)!r} in {diff}; "
                              "resume with the same options, or use --overwrite / another --output-dir")
+        if clear:
+            remove_leftovers(out)
         return
     if holds_run(out):
         if not overwrite:
@@ -70,6 +74,16 @@ def prepare(out: Path, config: dict[str, Any], resume: bool, overwrite: bool, cl
             shutil.rmtree(out / "tensorboard", ignore_errors=True)  # --report-to tensorboard's events
     if clear:
         out.mkdir(parents=True, exist_ok=True)
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Delete the temp files and staging folders (``.tmp-*``) that a run killed while writing
+    left in ``out`` and its checkpoints. Called while this run holds the folder's lock
+    (runlock.py), so no live writer owns them."""
+    found = [p for folder in (out, out / "checkpoints") if folder.is_dir() for p in folder.glob(".tmp-*")]
+    for path in found:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return found
 
 
 def new_folders(out: Path) -> list[Path]:
@@ -140,9 +154,26 @@ class MetricsLog:
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file. A last line cut short (a process killed, or a disk
+    filled, while appending it) is dropped with a warning; damage elsewhere is an error
+    naming the line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                print(f"warning: the last line of {str(path)!r} was cut short while being written; dropped",
+                      file=sys.stderr, flush=True)
+                break
+            raise ValueError(f"{str(path)!r} line {number} is not JSON ({err.msg}); repair or delete that line") from None
+    return records
 
 
 def plot_losses(path: Path, curves: dict[str, tuple[list[int], list[float]]], title: str,
