@@ -89,10 +89,10 @@ def build(base, batch, targets, name: str, r: int, alpha: float):
     return step, _dynamo_counts()
 
 
-def time_section(spec: dict, *, r: int, alpha: float, rounds: int, log=print) -> dict:
+def time_section(spec: dict, *, r: int, alpha: float, rounds: int, only: list[str] | None = None, log=print) -> dict:
     base, batch, targets = builders.workload(spec)
     steps, counts = {}, {}
-    for name in EAGER + COMPILED:
+    for name in only or EAGER + COMPILED:
         log(f"  building {name}")
         steps[name], counts[name] = build(base, batch, targets, name, r, alpha)
     times = harness.interleaved(steps, rounds=rounds, warmup=1, log=log)
@@ -101,13 +101,15 @@ def time_section(spec: dict, *, r: int, alpha: float, rounds: int, log=print) ->
 
 
 def ratios(times: dict) -> dict:
+    """The ratios the issue's targets name, of those variants that were timed."""
     med = {k: v["median"] for k, v in times.items()}
-    out = {"compiled dude / compiled dude-lora": med["dude-dude:compiled"] / med["dude-lora:compiled"],
-           "compiled dude / compiled peft dora+pissa": med["dude-dude:compiled"] / med["peft-dora+pissa:compiled"],
-           "compiled fused function / compiled formula (dude)": med["dude-dude:fusedfn"] / med["dude-dude:compiled"]}
-    for m in EAGER:
-        out[f"compiled / eager ({m})"] = med[f"{m}:compiled"] / med[m]
-    return out
+    pairs = {"compiled dude / compiled dude-lora": ("dude-dude:compiled", "dude-lora:compiled"),
+             "compiled dude / compiled dude-pissa": ("dude-dude:compiled", "dude-pissa:compiled"),
+             "compiled dude / compiled peft dora+pissa": ("dude-dude:compiled", "peft-dora+pissa:compiled"),
+             "compiled fused function / compiled formula (dude)": ("dude-dude:fusedfn", "dude-dude:compiled"),
+             "compiled fused function (dude) / compiled dude-lora": ("dude-dude:fusedfn", "dude-lora:compiled")}
+    pairs |= {f"compiled / eager ({m})": (f"{m}:compiled", m) for m in EAGER}
+    return {name: med[a] / med[b] for name, (a, b) in pairs.items() if a in med and b in med}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,20 +119,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[512],
                         help="tokens per step of the layers section (the norm's rows cost r / tokens of the base matmul)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="+", choices=EAGER + COMPILED,
+                        help="time these variants only (more rounds in the same time)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     env = harness.environment("cpu")
     print(f"compile benchmark {args.section}: torch {env['torch']}, load {env.get('loadavg_start')}", flush=True)
-    doc: dict = {"env": env, "section": args.section, "rounds": args.rounds}
+    doc: dict = {"env": env, "section": args.section, "rounds": args.rounds, "only": args.only}
     if args.section == "smollm2":
-        doc["smollm2"] = time_section(SMOLLM2, r=16, alpha=16, rounds=args.rounds)
+        doc["smollm2"] = time_section(SMOLLM2, r=16, alpha=16, rounds=args.rounds, only=args.only)
     elif args.section == "layers":
         for tokens in args.tokens:
             for out, inp in LAYERS:
                 spec = {"kind": "layer", "out": out, "in": inp, "tokens": tokens}
                 print(f"== layer {out}x{inp}, {tokens} tokens", flush=True)
-                doc[f"layer {out}x{inp} r=16 tokens={tokens}"] = time_section(spec, r=16, alpha=16, rounds=args.rounds)
+                doc[f"layer {out}x{inp} r=16 tokens={tokens}"] = time_section(spec, r=16, alpha=16, rounds=args.rounds, only=args.only)
     else:
         doc["memory"] = {name: peak_memory(SMOLLM2, name, r=16, alpha=16, steps=2, threads=args.threads)
                          for name in ["dude-lora", "dude-lora:compiled", "dude-dude", "dude-dude:compiled"]}
