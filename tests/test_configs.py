@@ -99,3 +99,17 @@ def test_list_flags_of_numbers_are_numbers():
     assert resolve(CompareConfig, None, args).compare.seeds == [0, 1]
     with pytest.raises(ValueError, match=r"compare.seeds\[0\] must be an integer, got 'x'"):
         resolve(CompareConfig, None, build_parser().parse_args(["compare", "--seeds", "x"]))
+
+
+def test_gguf_flag_alone_means_q8_0():
+    """`dude export --gguf` with no type writes the recommended q8_0; a type still wins."""
+    from dude.cli import build_parser
+    from dude.train.config import ExportConfig
+    from dude.train.options import resolve
+
+    base = ["export", "--adapter", "run", "--output-dir", "out"]
+    assert resolve(ExportConfig, None, build_parser().parse_args([*base, "--gguf"])).export.gguf == "q8_0"
+    assert resolve(ExportConfig, None, build_parser().parse_args([*base, "--gguf", "f16"])).export.gguf == "f16"
+    assert resolve(ExportConfig, None, build_parser().parse_args(base)).export.gguf is None
+    help_text = build_parser()._subparsers._group_actions[0].choices["export"].format_help()
+    assert "(the flag alone: q8_0)" in " ".join(help_text.split())

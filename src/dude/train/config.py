@@ -224,7 +224,7 @@ class ExportTarget:
                                       "full-precision weights (the model to deploy), not into deq(Q)")
     gguf: str | None = opt(None, "write one GGUF file for llama.cpp / Ollama (output_dir/model-TYPE.gguf, with its "
                                  "faithfulness report) instead of a transformers folder: f32, f16, bf16, q8_0 "
-                                 "(recommended), q4_0, q4_1, q5_0, q5_1")
+                                 "(recommended), q4_0, q4_1, q5_0, q5_1", bare="q8_0")
 
     def __post_init__(self) -> None:
         if not self.adapter:

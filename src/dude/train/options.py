@@ -21,12 +21,14 @@ from typing import Any, Callable, Literal, Union
 import yaml
 
 
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a help string for ``--help``."""
+def opt(default: Any, help: str, *, bare: Any = None) -> Any:
+    """A dataclass field with a default and a help string for ``--help``; ``bare`` is the
+    value of its flag given alone (``--gguf`` for ``--gguf q8_0``)."""
+    metadata = {"help": help} if bare is None else {"help": help, "bare": bare}
     if isinstance(default, (list, dict)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def sections(cls: type) -> dict[str, type]:
@@ -231,6 +233,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, help_fallback: dict[st
                 kwargs.update(nargs="*", type=_parse_value(item if item in (int, float) else str))  # none: []
             else:
                 kwargs["type"] = _parse_value(hint)
+                if "bare" in f.metadata:
+                    kwargs.update(nargs="?", const=f.metadata["bare"])
+                    text += f" (the flag alone: {f.metadata['bare']})"
+                    kwargs["help"] = f"{text} (default: {default!r})".replace("%", "%%")
                 if typing.get_origin(hint) is Literal:
                     kwargs["choices"] = list(typing.get_args(hint))
             group.add_argument(flags[(section, f.name)], **kwargs)
