@@ -14,14 +14,15 @@ one pass over ``W_res`` gives both. ``BaseWithNormRows`` is that matmul as an au
 function whose backward is the plain linear's (``dx = dy W_res``: the ``r`` rows carry
 no gradient, so none is formed for them), which lets ``torch.compile`` trace it whole.
 Exact only where ``A`` is exact in the compute dtype: a float32 residual, no autocast.
-``fused.base_with_norm_rows`` is the eager path's version of the same product.
+The product itself is ``fused.base_with_norm_rows``, which the eager fused path calls inside
+its own autograd function.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import frozen
+from . import frozen, fused
 
 
 class BaseWithNormRows(torch.autograd.Function):
@@ -29,11 +30,10 @@ class BaseWithNormRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, residual: frozen.Frozen, lora_a: torch.Tensor):
-        n = x.shape[0]
-        full = frozen.linear(torch.cat([x, lora_a.to(x.dtype)]), residual)  # (N + r, out)
+        base, residual_a = fused.base_with_norm_rows(x, residual, lora_a)  # (N, out), (out, r)
         ctx.residual = residual
-        ctx.mark_non_differentiable(residual_a := full[n:].T)  # (out, r): the norm is detached
-        return full[:n], residual_a
+        ctx.mark_non_differentiable(residual_a)  # the norm is detached
+        return base, residual_a
 
     @staticmethod
     def backward(ctx, grad_base: torch.Tensor, _unused: torch.Tensor):
