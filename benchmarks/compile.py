@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import types
 from datetime import datetime
 from pathlib import Path
 
@@ -54,16 +53,6 @@ class _Own(torch.nn.Module):
         return self.inner(**batch)
 
 
-def _fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """``AdapterLinear.forward``'s eager fused branch (dropout 0, dense residual), kept under compile."""
-    if torch.is_grad_enabled() and layer._norm_from_rows(x):
-        scale, norm_inside = None, (layer.magnitude, layer._residual_sq_norm())
-    else:
-        scale, norm_inside = (None if layer.magnitude is None else layer.magnitude_scale()), None
-    out = fused.adapter_forward(x, None, layer.residual, layer.lora_A, layer.lora_B, layer.scaling, scale, norm_inside)
-    return out if layer.bias is None else out + layer.bias
-
-
 def build(base, batch, targets, name: str, r: int, alpha: float):
     """``(step, dynamo counts of its first, compiling step or None)``."""
     method, _, variant = name.partition(":")
@@ -81,7 +70,7 @@ def build(base, batch, targets, name: str, r: int, alpha: float):
     if variant == "fusedfn":  # the fused function under compile: its zero check off while tracing
         fused.has_zero = lambda scale: False
         for layer in adapter_layers(model).values():
-            layer.forward = types.MethodType(_fused_forward, layer)
+            layer.forward = layer.forward_fused  # the eager branch, kept under compile
     try:
         step()
     finally:

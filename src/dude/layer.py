@@ -186,6 +186,10 @@ class AdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fast_path or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
             return self.forward_autograd(x)  # torch.compile: see the class docstring
+        return self.forward_fused(x)
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The eager path: ``fused.AdapterFunction`` (its zero-``g`` check is a host sync)."""
         dropped = self.dropout(x)
         dropped = None if dropped is x else dropped
         if torch.is_grad_enabled() and self._norm_from_rows(x):
