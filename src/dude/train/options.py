@@ -219,6 +219,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, help_fallback: dict[st
                                            else f.default_factory() if f.default_factory is not dataclasses.MISSING
                                            else None)
             text = f.metadata.get("help") or (help_fallback or {}).get(f.name, "")
+            if "bare" in f.metadata:
+                text += f" (the flag alone: {f.metadata['bare']})"
             kwargs: dict[str, Any] = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
                                           help=f"{text} (default: {default!r})".replace("%", "%%"))
             if hint is not bool:
@@ -235,8 +237,6 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, help_fallback: dict[st
                 kwargs["type"] = _parse_value(hint)
                 if "bare" in f.metadata:
                     kwargs.update(nargs="?", const=f.metadata["bare"])
-                    text += f" (the flag alone: {f.metadata['bare']})"
-                    kwargs["help"] = f"{text} (default: {default!r})".replace("%", "%%")
                 if typing.get_origin(hint) is Literal:
                     kwargs["choices"] = list(typing.get_args(hint))
             group.add_argument(flags[(section, f.name)], **kwargs)
