@@ -3,7 +3,8 @@ and under ``accelerate launch`` with accelerate's own FSDP config file) compute 
 steps as one process accumulating the same 2 micro-batches; a sharded run killed with
 SIGKILL resumes from its DCP checkpoint to the same bits, and on another number of
 processes when the global batch is kept; FSDP evaluates after training; startup output
-is printed once per run."""
+is printed once per run. One in-process test checks what FSDP2's all-gathers do to the
+layers' cached ``||W_res||^2``."""
 
 from __future__ import annotations
 
@@ -296,3 +297,50 @@ def test_accelerate_fsdp_settings_dude_cannot_honour_are_refused(monkeypatch, en
     assert distributed.launcher_strategy("ddp") == "fsdp"
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     assert distributed.launcher_strategy("ddp") == "ddp"
+
+
+def test_fsdp_keeps_the_residual_norm_computed_before_sharding(tmp_path, monkeypatch):
+    """FSDP2 all-gathers ``W_res`` into new storage on every forward: the eager storage check
+    recomputed ``||W_res||^2`` (a pass over every frozen weight) each step. Under ``wrap`` the
+    buffer computed before sharding is kept; losses match the unsharded model step for step.
+    One process, real FSDP2 over gloo."""
+    import copy
+
+    import torch.distributed as dist
+    from tiny_models import VOCAB, tiny_llama
+
+    import dude
+    from dude import frozen
+
+    model = tiny_llama().train()
+    dude.apply(model, dude.AdapterConfig(method="dude", r=4, alpha=4))
+    reference = copy.deepcopy(model)
+    calls = []
+    row_sq_norm = frozen.row_sq_norm
+    monkeypatch.setattr(frozen, "row_sq_norm", lambda weight: calls.append(1) or row_sq_norm(weight))
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def losses(m: torch.nn.Module) -> list[float]:
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        out = []
+        for _ in range(3):
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out.append(loss.item())
+        return out
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sharded = distributed.wrap(model, distributed.Dist(enabled=True), "fsdp")
+        calls.clear()
+        sharded_losses = losses(sharded)
+        assert calls == []
+        layer = next(iter(dude.adapter_layers(sharded).values()))
+        layer.recheck_residual = True  # the eager check, as before: every all-gather trips it
+        sharded(input_ids=ids)
+        assert len(calls) == 1
+    finally:
+        dist.destroy_process_group()
+    assert sharded_losses == pytest.approx(losses(reference), rel=1e-6)

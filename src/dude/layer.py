@@ -46,6 +46,10 @@ class AdapterLinear(nn.Module):
     """
 
     fast_path = True
+    # Eager mode recomputes ||W_res||^2 when W_res's storage changes (an in-place write).
+    # FSDP2 all-gathers W_res into new storage on every forward without changing it:
+    # distributed.wrap turns the check off there, and the buffer computed before sharding holds.
+    recheck_residual = True
 
     def __init__(
         self,
@@ -130,12 +134,13 @@ class AdapterLinear(nn.Module):
 
     def _residual_sq_norm(self) -> torch.Tensor:
         """``||W_res||^2`` per row, float32 (out,): a buffer, recomputed in eager mode when the
-        residual's storage changes (FSDP's all-gather, an in-place write); read as is under
-        ``torch.compile``, where a data-pointer check would break the graph, so a move, a
-        cast or a load recomputes it at once (``_apply``, the load hook)."""
+        residual's storage changes (an in-place write; not under FSDP2, ``recheck_residual``);
+        read as is under ``torch.compile``, where a data-pointer check would break the graph,
+        so a move, a cast or a load recomputes it at once (``_apply``, the load hook)."""
         if isinstance(self.residual, QuantizedWeight):
             return frozen.row_sq_norm(self.residual)
-        if not torch.compiler.is_compiling() and frozen.version(self.residual) != self._res_sq_key:
+        if (self.recheck_residual and not torch.compiler.is_compiling()
+                and frozen.version(self.residual) != self._res_sq_key):
             self._refresh_residual_sq_norm()
         return self.residual_sq_norm
 

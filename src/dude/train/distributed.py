@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..patch import adapter_layers
+
 T = TypeVar("T")
 
 
@@ -167,6 +169,8 @@ def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        for layer in adapter_layers(model).values():
+            layer.recheck_residual = False  # the all-gathers move W_res, they do not change it
         for module in model.modules():
             if type(module).__name__.endswith("DecoderLayer"):
                 fully_shard(module)
