@@ -10,7 +10,9 @@ then all variants of a section are timed in interleaved rounds in one process
 (harness.interleaved, one more warm-up round) and ratios are of medians from that run.
 ``dude-dude:fusedfn`` is the alternative compiled path: ``fused.AdapterFunction`` traced
 with its zero-``g`` check off (``fused.has_zero``, a host sync that breaks the graph);
-exact only while no ``g`` is zero, so a measurement, not a shipped path. Results go to
+exact only while no ``g`` is zero, so a measurement, not a shipped path.
+``dude-dude:frozen-m`` (only with ``--only``) is compiled DuDe with the magnitude not trained:
+what is left of DuDe's cost over LoRA without the magnitude's gradient. Results go to
 ``results/<machine>-cpu-compile-<section>-<date>.json`` with the load average at start and end.
 """
 
@@ -33,6 +35,7 @@ from .train import make_step, peak_memory
 HERE = Path(__file__).resolve().parent
 EAGER = ["dude-lora", "dude-dora", "dude-pissa", "dude-dude"]
 COMPILED = [f"{m}:compiled" for m in EAGER] + ["peft-dora+pissa:compiled", "dude-dude:fusedfn"]
+DIAGNOSTIC = ["dude-dude:frozen-m"]
 SMOLLM2 = {"kind": "smollm2", "batch": 4, "seq": 128}
 LAYERS = [(4096, 4096), (11008, 4096)]
 
@@ -58,6 +61,9 @@ def build(base, batch, targets, name: str, r: int, alpha: float):
     method, _, variant = name.partition(":")
     torch.manual_seed(0)
     model = builders.adapt(base, method, r=r, alpha=alpha, targets=targets)
+    if variant == "frozen-m":
+        for layer in adapter_layers(model).values():
+            layer.magnitude.requires_grad_(False)
     if not variant:
         return make_step(model, batch), None
     torch._dynamo.utils.counters.clear()
@@ -90,15 +96,19 @@ def time_section(spec: dict, *, r: int, alpha: float, rounds: int, only: list[st
 
 
 def ratios(times: dict) -> dict:
-    """The ratios the issue's targets name, of those variants that were timed."""
+    """The ratios the issue's targets name, of those variants that were timed: of medians,
+    and paired (``harness.paired_ratio``: the median of per-round ratios, with its range)."""
     med = {k: v["median"] for k, v in times.items()}
     pairs = {"compiled dude / compiled dude-lora": ("dude-dude:compiled", "dude-lora:compiled"),
              "compiled dude / compiled dude-pissa": ("dude-dude:compiled", "dude-pissa:compiled"),
              "compiled dude / compiled peft dora+pissa": ("dude-dude:compiled", "peft-dora+pissa:compiled"),
+             "compiled dude, magnitude frozen / compiled dude-lora": ("dude-dude:frozen-m", "dude-lora:compiled"),
              "compiled fused function / compiled formula (dude)": ("dude-dude:fusedfn", "dude-dude:compiled"),
              "compiled fused function (dude) / compiled dude-lora": ("dude-dude:fusedfn", "dude-lora:compiled")}
     pairs |= {f"compiled / eager ({m})": (f"{m}:compiled", m) for m in EAGER}
-    return {name: med[a] / med[b] for name, (a, b) in pairs.items() if a in med and b in med}
+    timed = {name: (a, b) for name, (a, b) in pairs.items() if a in med and b in med}
+    return {name: {"of medians": med[a] / med[b], "paired": harness.paired_ratio(times, a, b)}
+            for name, (a, b) in timed.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[512],
                         help="tokens per step of the layers section (the norm's rows cost r / tokens of the base matmul)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", nargs="+", choices=EAGER + COMPILED,
+    parser.add_argument("--only", nargs="+", choices=EAGER + COMPILED + DIAGNOSTIC,
                         help="time these variants only (more rounds in the same time)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)

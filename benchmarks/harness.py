@@ -33,8 +33,9 @@ def interleaved(cases: dict[str, Callable[[], None]], *, rounds: int, warmup: in
                 log: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Time every case ``rounds`` times, one call of each per round, in a rotated order.
 
-    Returns ``{name: stats(wall seconds) | {"cpu": stats(process CPU seconds)}}``; CPU time
-    is less sensitive to other processes on a shared machine. ``warmup`` untimed rounds
+    Returns ``{name: stats(wall seconds) | {"cpu": stats(process CPU seconds), "rounds":
+    wall seconds in round order}}``; CPU time is less sensitive to other processes on a
+    shared machine, and the per-round times give ``paired_ratio``. ``warmup`` untimed rounds
     come first.
     """
     names = list(cases)
@@ -54,13 +55,24 @@ def interleaved(cases: dict[str, Callable[[], None]], *, rounds: int, warmup: in
             cpu[name].append(time.process_time() - c0)
         if log:
             log(f"  round {k + 1}/{rounds}: " + ", ".join(f"{n}={wall[n][-1]:.3f}s" for n in names))
-    return {name: {**stats(wall[name]), "cpu": stats(cpu[name])} for name in names}
+    return {name: {**stats(wall[name]), "cpu": stats(cpu[name]), "rounds": wall[name]} for name in names}
 
 
 def ratio(results: dict[str, dict], num: str, den: str) -> float | None:
     if num not in results or den not in results:
         return None
     return results[num]["median"] / results[den]["median"]
+
+
+def paired_ratio(results: dict[str, dict], num: str, den: str) -> dict:
+    """``median_k num_k / den_k`` over the rounds of one ``interleaved`` run, with its range.
+
+    Each round times both cases minutes apart at most, so a drift of the machine's speed
+    (this VM's memory bandwidth moves by 20% over tens of minutes) cancels within a round,
+    where the ratio of medians can pair a fast round of one case with a slow one of the other.
+    """
+    per_round = [a / b for a, b in zip(results[num]["rounds"], results[den]["rounds"])]
+    return stats(per_round)
 
 
 # -- memory ------------------------------------------------------------------------------
