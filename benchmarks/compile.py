@@ -19,10 +19,7 @@ what is left of DuDe's cost over LoRA without the magnitude's gradient. Results 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -137,13 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         doc["memory"] = {name: peak_memory(SMOLLM2, name, r=16, alpha=16, steps=2, threads=args.threads)
                          for name in ["dude-lora", "dude-lora:compiled", "dude-dude", "dude-dude:compiled"]}
-    env["loadavg_end"] = os.getloadavg()
-    text = json.dumps(doc, indent=1)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{env['machine']}-cpu-compile-{args.section}-{datetime.now():%Y%m%d-%H%M}.json"
-    path.write_text(text)
-    print(f"wrote {path}")
+    harness.write_result(doc, env, args.out, f"compile-{args.section}")
     return 0
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import os
 import platform
 import statistics
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -73,6 +75,19 @@ def paired_ratio(results: dict[str, dict], num: str, den: str) -> dict:
     """
     per_round = [a / b for a, b in zip(results[num]["rounds"], results[den]["rounds"])]
     return stats(per_round)
+
+
+def write_result(doc: dict, env: dict, out: Path, name: str) -> Path:
+    """Print ``doc`` and save it as ``out/<machine>-cpu-<name>-<date>.json``, the load average
+    at the end added to ``env`` (which ``doc`` holds) first."""
+    env["loadavg_end"] = os.getloadavg()
+    text = json.dumps(doc, indent=1)
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{env['machine']}-cpu-{name}-{datetime.now():%Y%m%d-%H%M}.json"
+    path.write_text(text)
+    print(f"wrote {path}")
+    return path
 
 
 # -- memory ------------------------------------------------------------------------------
