@@ -48,7 +48,8 @@ class AdapterLinear(nn.Module):
     fast_path = True
     # Eager mode recomputes ||W_res||^2 when W_res's storage changes (an in-place write).
     # FSDP2 all-gathers W_res into new storage on every forward without changing it:
-    # distributed.wrap turns the check off there, and the buffer computed before sharding holds.
+    # distributed.wrap turns the check off there, and the buffer computed before sharding holds
+    # (with your own fully_shard, set it False on every dude.adapter_layers(model) layer).
     recheck_residual = True
 
     def __init__(
