@@ -112,32 +112,6 @@ def test_export_merges_into_a_plain_model(trained, tmp_path, smollm2_dir):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_compare_end_to_end(tmp_path, smollm2_dir, capsys):
-    out = tmp_path / "cmp"
-    config = str(ROOT / "configs" / "compare_smoke.yaml")
-    assert main(["compare", "--config", config, "--name-or-path", str(smollm2_dir), "--output-dir", str(out),
-                 "--no-progress"]) == 0
-    assert {p.name for p in out.iterdir()} == {"base", "compare.json", "compare.md", "config.yaml", "configs",
-                                               "dude-seed0", "lora-seed0", "loss_curves.png"}
-    report = json.loads((out / "compare.json").read_text())
-    assert set(report["methods"]) == {"lora", "dude"}
-    base = report["base_response_loss"]
-    assert set(base) == {"heldout_variants", "mmlu_explanations"}  # compare.base_tasks
-    for m in report["methods"].values():
-        assert m["failed"] == 0 and m["error"] is None and m["final_loss"] is not None
-        assert m["steps_to_target"] is not None and m["peak_memory_mb"] > 100
-        assert set(m["response_loss"]) == {"heldout_variants", "heldout", "mmlu_explanations"}
-        assert m["response_loss_change"]["mmlu_explanations"] == pytest.approx(
-            m["response_loss"]["mmlu_explanations"] - base["mmlu_explanations"])  # forgetting
-    table = capsys.readouterr().out
-    assert "| lora |" in table and "| dude |" in table
-    assert f"in-distribution loss (base {base['heldout_variants']:.3f})" in table and "out-of-distribution loss |" in table
-    # --resume keeps finished runs and rebuilds the report without training again
-    assert main(["compare", "--config", config, "--name-or-path", str(smollm2_dir), "--output-dir", str(out),
-                 "--resume"]) == 0
-    assert "lora-seed0 finished before, kept" in capsys.readouterr().out
-
-
 def test_report_smoothing_and_steps_to_target():
     from dude.compare.report import smoothed, steps_to
 

