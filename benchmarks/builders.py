@@ -85,6 +85,22 @@ def smollm2(dtype: torch.dtype = torch.float32) -> nn.Module:
     return model
 
 
+# SmolLM2-135M-Instruct's architecture (its config.json): a step's time depends on these
+# shapes, not on the weights' values.
+SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                     num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
+                     rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def smollm2_shaped(seed: int = 0) -> nn.Module:
+    """SmolLM2-135M's architecture with random weights: for timing on a machine that the
+    model's package cannot reach (a lent GPU machine takes 64 MiB of files; the model is 94)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE))
+
+
 def smollm2_4bit() -> nn.Module:
     """SmolLM2 as transformers loads it in NF4 (bitsandbytes ``Linear4bit``, float32 compute)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -132,9 +148,9 @@ def layer_batch(model: OneLayer, tokens: int, seed: int = 0, device: str = "cpu"
 
 def workload(spec: dict, device: str = "cpu"):
     """``(base_model, batch, targets)`` for a spec: ``{"kind": "smollm2", "batch", "seq"}``
-    or ``{"kind": "layer", "out", "in", "tokens"}``."""
+    (``"random": True``: its shape with random weights) or ``{"kind": "layer", "out", "in", "tokens"}``."""
     if spec["kind"] == "smollm2":
-        model = smollm2().to(device)
+        model = (smollm2_shaped() if spec.get("random") else smollm2()).to(device)
         return model, smollm2_batch(model, spec["batch"], spec["seq"], device=device), list(LLAMA_LINEAR)
     model = OneLayer(spec["out"], spec["in"], device=device)
     return model, layer_batch(model, spec["tokens"], device=device), ["proj"]

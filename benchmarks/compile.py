@@ -3,6 +3,7 @@
     python -m benchmarks.compile --section smollm2   # ~8 min on an idle 2-core CPU
     python -m benchmarks.compile --section layers    # 7B-shaped single layers, ~4 min per --tokens
     python -m benchmarks.compile --section memory    # peak RSS, one child per configuration, ~5 min
+    bash benchmarks/device_check.sh                  # on a lent GPU: bf16 autocast, Triton kernels
 
 Every variant is built, compiled (inductor, ``torch.compile(model)``) and stepped once,
 with dynamo's counters read around that first step (graphs, graph breaks, recompiles);
@@ -13,7 +14,13 @@ with its zero-``g`` check off (``fused.has_zero``, a host sync that breaks the g
 exact only while no ``g`` is zero, so a measurement, not a shipped path.
 ``dude-dude:frozen-m`` (only with ``--only``) is compiled DuDe with the magnitude not trained:
 what is left of DuDe's cost over LoRA without the magnitude's gradient. Results go to
-``results/<machine>-cpu-compile-<section>-<date>.json`` with the load average at start and end.
+``results/<machine>-<device>-compile-<section>-<date>.json`` with the load average at start and end.
+
+On a GPU (``--device cuda``) each variant's step also gets its peak of allocated memory
+(``torch.cuda.max_memory_allocated`` over one step, less what was allocated before it).
+``--precision bf16`` runs the forward under bf16 autocast, as ``dude train`` does on a GPU;
+``--random-weights`` takes SmolLM2's shape with random weights, for a machine the model's
+package cannot reach.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ class _Own(torch.nn.Module):
         return self.inner(**batch)
 
 
-def build(base, batch, targets, name: str, r: int, alpha: float):
+def build(base, batch, targets, name: str, r: int, alpha: float, autocast: torch.dtype | None = None):
     """``(step, dynamo counts of its first, compiling step or None)``."""
     method, _, variant = name.partition(":")
     torch.manual_seed(0)
@@ -62,12 +69,12 @@ def build(base, batch, targets, name: str, r: int, alpha: float):
         for layer in adapter_layers(model).values():
             layer.magnitude.requires_grad_(False)
     if not variant:
-        return make_step(model, batch), None
+        return make_step(model, batch, autocast=autocast), None
     torch._dynamo.utils.counters.clear()
     # fusedfn: a wrapper of its own, so dynamo traces afresh (the layers' instance ``forward``
     # is not guarded on; with the model's own code it reused dude-dora's compiled graph)
     compiled = torch.compile(_Own(model) if variant == "fusedfn" else model)
-    step = make_step(compiled, batch)
+    step = make_step(compiled, batch, autocast=autocast)
     model.train()
     keep = fused.has_zero
     if variant == "fusedfn":  # the fused function under compile: its zero check off while tracing
@@ -81,15 +88,29 @@ def build(base, batch, targets, name: str, r: int, alpha: float):
     return step, _dynamo_counts()
 
 
-def time_section(spec: dict, *, r: int, alpha: float, rounds: int, only: list[str] | None = None, log=print) -> dict:
-    base, batch, targets = builders.workload(spec)
+def time_section(spec: dict, *, r: int, alpha: float, rounds: int, only: list[str] | None = None,
+                 device: str = "cpu", autocast: torch.dtype | None = None, log=print) -> dict:
+    base, batch, targets = builders.workload(spec, device)
     steps, counts = {}, {}
     for name in only or EAGER + COMPILED:
         log(f"  building {name}")
-        steps[name], counts[name] = build(base, batch, targets, name, r, alpha)
-    times = harness.interleaved(steps, rounds=rounds, warmup=1, log=log)
-    return {"times": times, "dynamo": {k: v for k, v in counts.items() if v is not None},
-            "ratios": ratios(times)}
+        steps[name], counts[name] = build(base, batch, targets, name, r, alpha, autocast)
+    times = harness.interleaved(steps, rounds=rounds, warmup=1, device=device, log=log)
+    doc = {"times": times, "dynamo": {k: v for k, v in counts.items() if v is not None}, "ratios": ratios(times)}
+    if device.startswith("cuda"):
+        doc["step_peak_mib"] = {name: cuda_step_peak_mib(step) for name, step in steps.items()}
+    return doc
+
+
+def cuda_step_peak_mib(step) -> float:
+    """MiB one step allocates on the GPU at its peak, over what was allocated before it
+    (other variants' weights and optimizer states, which stay resident, are not counted)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def ratios(times: dict) -> dict:
@@ -118,19 +139,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=EAGER + COMPILED + DIAGNOSTIC,
                         help="time these variants only (more rounds in the same time)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: the forward under bf16 autocast (dude train's default on a GPU)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="smollm2 section: SmolLM2's shape with random weights (no model package needed)")
+    parser.add_argument("--batch", type=int, default=SMOLLM2["batch"], help="smollm2 section: sequences per step")
+    parser.add_argument("--seq", type=int, default=SMOLLM2["seq"], help="smollm2 section: tokens per sequence")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and args.section == "memory":
+        parser.error("--section memory measures peak RSS on the CPU; on cuda the timing sections record each "
+                     "step's peak GPU memory")
     torch.set_num_threads(args.threads)
-    env = harness.environment("cpu")
-    print(f"compile benchmark {args.section}: torch {env['torch']}, load {env.get('loadavg_start')}", flush=True)
+    env = harness.environment(args.device)
+    env["precision"] = args.precision
+    autocast = torch.bfloat16 if args.precision == "bf16" else None
+    timing = dict(r=16, alpha=16, rounds=args.rounds, only=args.only, device=args.device, autocast=autocast)
+    print(f"compile benchmark {args.section} on {args.device} ({args.precision}): torch {env['torch']}, "
+          f"load {env.get('loadavg_start')}", flush=True)
     doc: dict = {"env": env, "section": args.section, "rounds": args.rounds, "only": args.only}
     if args.section == "smollm2":
-        doc["smollm2"] = time_section(SMOLLM2, r=16, alpha=16, rounds=args.rounds, only=args.only)
+        spec = {**SMOLLM2, "batch": args.batch, "seq": args.seq, "random": args.random_weights}
+        doc["workload"] = spec
+        doc["smollm2"] = time_section(spec, **timing)
     elif args.section == "layers":
         for tokens in args.tokens:
             for out, inp in LAYERS:
                 spec = {"kind": "layer", "out": out, "in": inp, "tokens": tokens}
                 print(f"== layer {out}x{inp}, {tokens} tokens", flush=True)
-                doc[f"layer {out}x{inp} r=16 tokens={tokens}"] = time_section(spec, r=16, alpha=16, rounds=args.rounds, only=args.only)
+                doc[f"layer {out}x{inp} r=16 tokens={tokens}"] = time_section(spec, **timing)
     else:
         doc["memory"] = {name: peak_memory(SMOLLM2, name, r=16, alpha=16, steps=2, threads=args.threads)
                          for name in ["dude-lora", "dude-lora:compiled", "dude-dude", "dude-dude:compiled"]}

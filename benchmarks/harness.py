@@ -78,13 +78,13 @@ def paired_ratio(results: dict[str, dict], num: str, den: str) -> dict:
 
 
 def write_result(doc: dict, env: dict, out: Path, name: str) -> Path:
-    """Print ``doc`` and save it as ``out/<machine>-cpu-<name>-<date>.json``, the load average
-    at the end added to ``env`` (which ``doc`` holds) first."""
+    """Print ``doc`` and save it as ``out/<machine>-<device>-<name>-<date>.json``, the load
+    average at the end added to ``env`` (which ``doc`` holds) first."""
     env["loadavg_end"] = os.getloadavg()
     text = json.dumps(doc, indent=1)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{env['machine']}-cpu-{name}-{datetime.now():%Y%m%d-%H%M}.json"
+    path = out / f"{env['machine']}-{env['device'].split(':')[0]}-{name}-{datetime.now():%Y%m%d-%H%M}.json"
     path.write_text(text)
     print(f"wrote {path}")
     return path

@@ -8,6 +8,7 @@ prints one JSON line with the peak RSS of a child doing a few steps of one confi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -23,13 +24,17 @@ from . import builders, harness
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_step(model: torch.nn.Module, batch: dict, lr: float = 1e-4) -> Callable[[], float]:
-    """One optimizer step of ``model`` on ``batch``; returns the loss."""
+def make_step(model: torch.nn.Module, batch: dict, lr: float = 1e-4,
+              autocast: torch.dtype | None = None) -> Callable[[], float]:
+    """One optimizer step of ``model`` on ``batch``; returns the loss. ``autocast``: the
+    forward under ``torch.autocast`` to that dtype (as ``dude train --precision bf16``)."""
     model.train()
     opt = torch.optim.AdamW(builders.trainable(model), lr=lr)
+    device_type = next(iter(batch.values())).device.type
 
     def step() -> float:
-        loss = model(**batch).loss
+        with torch.autocast(device_type, dtype=autocast) if autocast else contextlib.nullcontext():
+            loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

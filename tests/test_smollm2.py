@@ -3,6 +3,7 @@ loader on our files, randomized SVD accuracy. Figures are printed (pytest -s) fo
 
 import copy
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +139,20 @@ def test_randomized_svd_matches_exact_principal_part(smollm2):
     for kind, err in errors.items():
         print(f"  {kind:10s} {err:.2e}")
     assert max(errors.values()) <= 1e-2
+
+
+def test_the_benchmarks_random_weight_model_has_smollm2s_shapes(smollm2):
+    """benchmarks/device_check.sh times SmolLM2's architecture with random weights (the model
+    does not travel to a GPU machine): every tensor's name, shape and the config that sets
+    the computation match the real model's."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.builders import smollm2_shaped
+
+    model, _ = smollm2
+    shaped = smollm2_shaped()
+    assert {k: v.shape for k, v in shaped.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "vocab_size", "tie_word_embeddings", "hidden_act"):
+        assert getattr(shaped.config, key) == getattr(model.config, key), key
