@@ -60,7 +60,7 @@ class _Own(torch.nn.Module):
         return self.inner(**batch)
 
 
-def build(base, batch, targets, name: str, r: int, alpha: float, autocast: torch.dtype | None = None):
+def build(base, batch, targets, name: str, r: int, alpha: float, precision: str = "fp32"):
     """``(step, dynamo counts of its first, compiling step or None)``."""
     method, _, variant = name.partition(":")
     torch.manual_seed(0)
@@ -69,12 +69,12 @@ def build(base, batch, targets, name: str, r: int, alpha: float, autocast: torch
         for layer in adapter_layers(model).values():
             layer.magnitude.requires_grad_(False)
     if not variant:
-        return make_step(model, batch, autocast=autocast), None
+        return make_step(model, batch, precision=precision), None
     torch._dynamo.utils.counters.clear()
     # fusedfn: a wrapper of its own, so dynamo traces afresh (the layers' instance ``forward``
     # is not guarded on; with the model's own code it reused dude-dora's compiled graph)
     compiled = torch.compile(_Own(model) if variant == "fusedfn" else model)
-    step = make_step(compiled, batch, autocast=autocast)
+    step = make_step(compiled, batch, precision=precision)
     model.train()
     keep = fused.has_zero
     if variant == "fusedfn":  # the fused function under compile: its zero check off while tracing
@@ -89,12 +89,12 @@ def build(base, batch, targets, name: str, r: int, alpha: float, autocast: torch
 
 
 def time_section(spec: dict, *, r: int, alpha: float, rounds: int, only: list[str] | None = None,
-                 device: str = "cpu", autocast: torch.dtype | None = None, log=print) -> dict:
+                 device: str = "cpu", precision: str = "fp32", log=print) -> dict:
     base, batch, targets = builders.workload(spec, device)
     steps, counts = {}, {}
     for name in only or EAGER + COMPILED:
         log(f"  building {name}")
-        steps[name], counts[name] = build(base, batch, targets, name, r, alpha, autocast)
+        steps[name], counts[name] = build(base, batch, targets, name, r, alpha, precision)
     times = harness.interleaved(steps, rounds=rounds, warmup=1, device=device, log=log)
     doc = {"times": times, "dynamo": {k: v for k, v in counts.items() if v is not None}, "ratios": ratios(times)}
     if device.startswith("cuda"):
@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     env = harness.environment(args.device)
     env["precision"] = args.precision
-    autocast = torch.bfloat16 if args.precision == "bf16" else None
-    timing = dict(r=16, alpha=16, rounds=args.rounds, only=args.only, device=args.device, autocast=autocast)
+    timing = dict(r=16, alpha=16, rounds=args.rounds, only=args.only, device=args.device,
+                  precision=args.precision)
     print(f"compile benchmark {args.section} on {args.device} ({args.precision}): torch {env['torch']}, "
           f"load {env.get('loadavg_start')}", flush=True)
     doc: dict = {"env": env, "section": args.section, "rounds": args.rounds, "only": args.only}

@@ -8,7 +8,6 @@ prints one JSON line with the peak RSS of a child doing a few steps of one confi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
@@ -19,21 +18,22 @@ from typing import Callable
 
 import torch
 
+from dude.train import optim
+
 from . import builders, harness
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_step(model: torch.nn.Module, batch: dict, lr: float = 1e-4,
-              autocast: torch.dtype | None = None) -> Callable[[], float]:
-    """One optimizer step of ``model`` on ``batch``; returns the loss. ``autocast``: the
-    forward under ``torch.autocast`` to that dtype (as ``dude train --precision bf16``)."""
+def make_step(model: torch.nn.Module, batch: dict, lr: float = 1e-4, precision: str = "fp32") -> Callable[[], float]:
+    """One optimizer step of ``model`` on ``batch``; returns the loss. ``precision``: the
+    forward under ``dude train``'s own autocast for ``--precision`` (``bf16``: bf16 autocast)."""
     model.train()
     opt = torch.optim.AdamW(builders.trainable(model), lr=lr)
-    device_type = next(iter(batch.values())).device.type
+    device = next(iter(batch.values())).device
 
     def step() -> float:
-        with torch.autocast(device_type, dtype=autocast) if autocast else contextlib.nullcontext():
+        with optim.autocast(precision, device):
             loss = model(**batch).loss
         loss.backward()
         opt.step()
