@@ -139,18 +139,24 @@ class _Out:
         self.loss, self.logits = loss, logits
 
 
-def layer_batch(model: OneLayer, tokens: int, seed: int = 0, device: str = "cpu") -> dict:
-    """Random activations for the base ``OneLayer`` (build the batch before adapting)."""
+def layer_batch(model: OneLayer, tokens: int, seed: int = 0, device: str = "cpu", input_grad: bool = False) -> dict:
+    """Random activations for the base ``OneLayer`` (build the batch before adapting).
+
+    ``input_grad``: ``x`` requires a gradient, so the backward also forms ``dx = dz W_res``,
+    as every adapted layer of a model does but the first block's q, k, v (their input is
+    the frozen embedding's output). ``train.make_step`` clears ``x.grad`` after each step."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, model.proj.in_features, generator=g)
-    return {"x": x.to(device=device, dtype=model.proj.weight.dtype)}
+    return {"x": x.to(device=device, dtype=model.proj.weight.dtype).requires_grad_(input_grad)}
 
 
 def workload(spec: dict, device: str = "cpu"):
     """``(base_model, batch, targets)`` for a spec: ``{"kind": "smollm2", "batch", "seq"}``
-    (``"random": True``: its shape with random weights) or ``{"kind": "layer", "out", "in", "tokens"}``."""
+    (``"random": True``: its shape with random weights) or ``{"kind": "layer", "out", "in", "tokens"}``
+    (``"input_grad": True``: the backward forms ``dx`` too, as in a model)."""
     if spec["kind"] == "smollm2":
         model = (smollm2_shaped() if spec.get("random") else smollm2()).to(device)
         return model, smollm2_batch(model, spec["batch"], spec["seq"], device=device), list(LLAMA_LINEAR)
     model = OneLayer(spec["out"], spec["in"], device=device)
-    return model, layer_batch(model, spec["tokens"], device=device), ["proj"]
+    batch = layer_batch(model, spec["tokens"], device=device, input_grad=spec.get("input_grad", False))
+    return model, batch, ["proj"]

@@ -2,6 +2,7 @@
 
     python -m benchmarks.compile --section smollm2   # ~8 min on an idle 2-core CPU
     python -m benchmarks.compile --section layers    # 7B-shaped single layers, ~4 min per --tokens
+    python -m benchmarks.compile --section layers --input-grad   # ... with dx formed, as in a model
     python -m benchmarks.compile --section memory    # peak RSS, one child per configuration, ~5 min
     bash benchmarks/device_check.sh                  # on a lent GPU: bf16 autocast, Triton kernels
 
@@ -120,6 +121,8 @@ def ratios(times: dict) -> dict:
     pairs = {"compiled dude / compiled dude-lora": ("dude-dude:compiled", "dude-lora:compiled"),
              "compiled dude / compiled dude-pissa": ("dude-dude:compiled", "dude-pissa:compiled"),
              "compiled dude / compiled peft dora+pissa": ("dude-dude:compiled", "peft-dora+pissa:compiled"),
+             # DuDe does all of LoRA's work and more: this is the least its ratio to PEFT can be
+             "compiled dude-lora / compiled peft dora+pissa": ("dude-lora:compiled", "peft-dora+pissa:compiled"),
              "compiled dude, magnitude frozen / compiled dude-lora": ("dude-dude:frozen-m", "dude-lora:compiled"),
              "compiled fused function / compiled formula (dude)": ("dude-dude:fusedfn", "dude-dude:compiled"),
              "compiled fused function (dude) / compiled dude-lora": ("dude-dude:fusedfn", "dude-lora:compiled")}
@@ -138,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="+", choices=EAGER + COMPILED + DIAGNOSTIC,
                         help="time these variants only (more rounds in the same time)")
+    parser.add_argument("--input-grad", action="store_true",
+                        help="layers section: the input takes a gradient too (dx = dz W_res), as in a model")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
@@ -165,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.section == "layers":
         for tokens in args.tokens:
             for out, inp in LAYERS:
-                spec = {"kind": "layer", "out": out, "in": inp, "tokens": tokens}
-                print(f"== layer {out}x{inp}, {tokens} tokens", flush=True)
-                doc[f"layer {out}x{inp} r=16 tokens={tokens}"] = time_section(spec, **timing)
+                spec = {"kind": "layer", "out": out, "in": inp, "tokens": tokens, "input_grad": args.input_grad}
+                dx = " input_grad" if args.input_grad else ""
+                print(f"== layer {out}x{inp}, {tokens} tokens{dx}", flush=True)
+                doc[f"layer {out}x{inp} r=16 tokens={tokens}{dx}"] = time_section(spec, **timing)
     else:
         doc["memory"] = {name: peak_memory(SMOLLM2, name, r=16, alpha=16, steps=2, threads=args.threads)
                          for name in ["dude-lora", "dude-lora:compiled", "dude-dude", "dude-dude:compiled"]}

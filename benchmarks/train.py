@@ -38,6 +38,8 @@ def make_step(model: torch.nn.Module, batch: dict, lr: float = 1e-4, precision: 
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        for tensor in batch.values():  # an input that takes a gradient (builders.layer_batch)
+            tensor.grad = None
         return loss.item()
 
     return step
