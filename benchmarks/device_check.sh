@@ -10,7 +10,7 @@
 # 2. benchmarks/compile.py on SmolLM2's shape with random weights (the model's 94 MB do not
 #    fit the 64 MiB that travels), bf16 autocast, batch 8x512: eager and compiled, the four
 #    methods and PEFT DoRA+PiSSA compiled, with each step's peak GPU memory.
-# 3. The 7B-shaped single layers at 2048 tokens, compiled LoRA/DuDe/PEFT.
+# 3. The 7B-shaped single layers at 2048 tokens with dx formed (as in a model), compiled LoRA/DuDe/PEFT.
 #
 # A dry run of the plumbing on a CPU, small (the gpu tests then skip; compiling takes longer there):
 #     DEVICE=cpu BATCH=1 SEQ=32 TOKENS=64 ROUNDS=1 THREADS=2 LIMIT_X=4 OUT=/tmp/check bash benchmarks/device_check.sh
@@ -44,7 +44,7 @@ part compile-smollm2 250 "$PY" -m benchmarks.compile --section smollm2 --random-
     --precision bf16 --batch "$BATCH" --seq "$SEQ" --threads "$THREADS" --rounds "$ROUNDS" --out "$OUT" \
     --only dude-lora dude-dora dude-pissa dude-dude dude-lora:compiled dude-dora:compiled \
     dude-pissa:compiled dude-dude:compiled peft-dora+pissa:compiled
-part compile-layers 160 "$PY" -m benchmarks.compile --section layers --tokens "$TOKENS" --device "$DEVICE" \
+part compile-layers 160 "$PY" -m benchmarks.compile --section layers --input-grad --tokens "$TOKENS" --device "$DEVICE" \
     --precision bf16 --threads "$THREADS" --rounds "$ROUNDS" --out "$OUT" \
     --only dude-lora:compiled dude-dude:compiled peft-dora+pissa:compiled
 exit $status
