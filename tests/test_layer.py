@@ -147,6 +147,26 @@ def test_half_precision_base(dtype, method):
         torch.testing.assert_close(principal, ref[0] * ref[1] @ ref[2], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_the_norm_is_float32_under_autocast(dtype, detach_norm):
+    """bf16 autocast (dude train's default on a GPU) takes the activations' matmuls, not the
+    norm's: ``g`` is exactly 1 at init under it, and a moved layer's norm is the float32 one,
+    bit for bit (before, its matmuls ran in bf16 and ``g`` was off by up to 0.5%)."""
+    config = AdapterConfig(method="dude", r=8, alpha=16, detach_norm=detach_norm)
+    layer = AdapterLinear.from_linear(_linear(out=64, inp=48, dtype=dtype), config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        at_init = layer.magnitude_scale()
+    assert torch.equal(at_init, torch.ones_like(at_init))
+    _moved(layer)
+    want = layer.weight_row_norm()
+    want_merged = layer.merged_weight()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_merged = layer.weight_row_norm(), layer.merged_weight()
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert got_merged.dtype == torch.float32 and torch.equal(got_merged, want_merged)
+
+
 def test_dropout_only_on_the_adapter_branch():
     linear = _linear()
     layer = AdapterLinear.from_linear(linear, AdapterConfig(method="lora", r=3, dropout=0.5)).train()

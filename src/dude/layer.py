@@ -160,11 +160,16 @@ class AdapterLinear(nn.Module):
         return self
 
     def weight_row_norm(self) -> torch.Tensor:
-        """``||W_res + s B A||`` per output row, float32 (out,); differentiable in A and B."""
-        return decompose.row_norm_factored(
-            frozen.times_transpose(self.residual, self.lora_A), self._residual_sq_norm(), self.lora_A, self.lora_B,
-            self.scaling,
-        )
+        """``||W_res + s B A||`` per output row, float32 (out,); differentiable in A and B.
+
+        Float32 under autocast too: autocast would run its matmuls in bf16, and ``g`` would
+        be off by up to 0.5% per row (SmolLM2 DuDe at init, where it must be exactly 1). The
+        norm is of parameters only; the activations' matmuls keep autocast."""
+        with torch.autocast(self.lora_A.device.type, enabled=False):
+            return decompose.row_norm_factored(
+                frozen.times_transpose(self.residual, self.lora_A), self._residual_sq_norm(), self.lora_A,
+                self.lora_B, self.scaling,
+            )
 
     def magnitude_scale(self) -> torch.Tensor:
         """``g = m / ||W_res + s B A||_row`` (out,), float32."""
@@ -240,8 +245,10 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """The dense weight this layer computes, float32 (out, in)."""
-        return decompose.merged_weight(frozen.dense(self.residual), self.lora_A, self.lora_B, self.scaling, self.magnitude)
+        """The dense weight this layer computes, float32 (out, in), under autocast too."""
+        with torch.autocast(self.lora_A.device.type, enabled=False):
+            return decompose.merged_weight(frozen.dense(self.residual), self.lora_A, self.lora_B, self.scaling,
+                                           self.magnitude)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Module:
