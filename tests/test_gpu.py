@@ -15,10 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_distributed import _run, tiny  # noqa: F401  (tiny: the module fixture)
-from test_compile import _adapted, _loss_and_grads
+from test_compile import compiled_against_eager
 from test_fast_path import METHODS, _grads, _layer, _reference
 from test_train import tiny_train_args
-from tiny_models import token_batch
 
 import dude
 
@@ -90,29 +89,6 @@ def test_fsdp_one_process_over_nccl_matches_plain_training(tiny, tmp_path):  # n
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     assert (tmp_path / "fsdp" / "checkpoints" / "step-000002" / ".metadata").exists()
-
-
-def compiled_against_eager(method: str, device: str) -> None:
-    """One training forward and backward of a tiny adapted Llama under bf16 autocast: the
-    whole model traces with no graph break, and ``torch.compile`` (inductor) is as close to
-    the float32 result as eager bf16 is: for the loss and each adapter gradient,
-    ``|compiled - fp32| <= max(2 |eager - fp32|, 1e-2 |fp32|)`` in norm. (bf16 alone moves a
-    gradient of this tiny model by 3-8% of its largest entry, in either path; a wrong
-    gradient moves it by ~100%.)"""
-    model = _adapted(method).to(device).train()
-    ids = token_batch().to(device)
-    want_loss, want_grads = _loss_and_grads(model, ids)
-    with torch.autocast(device, dtype=torch.bfloat16):
-        explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
-        assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
-        torch._dynamo.reset()
-        eager = _loss_and_grads(model, ids)
-        compiled = _loss_and_grads(torch.compile(model), ids)
-    for name, want, e, c in zip(["loss", *range(len(want_grads))], [want_loss, *want_grads], [eager[0], *eager[1]],
-                                [compiled[0], *compiled[1]]):
-        eager_err, compiled_err = (torch.linalg.vector_norm(t.float() - want) for t in (e, c))
-        bound = max(2 * eager_err.item(), 1e-2 * torch.linalg.vector_norm(want).item())
-        assert compiled_err.item() <= bound, (method, name, compiled_err.item(), eager_err.item())
 
 
 @pytest.mark.parametrize("method", METHODS)

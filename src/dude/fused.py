@@ -102,7 +102,7 @@ class AdapterFunction(torch.autograd.Function):
         if scale is not None:
             if wants_scale_grad and has_zero(scale):
                 pre_scale = out.clone()  # z / g is undefined on these rows: keep what autograd keeps
-            out.mul_(scale.to(out.dtype))
+            out.mul_(scale)  # g in float32, the product rounded once (layer.forward_autograd)
         ctx.scaling, ctx.residual = scaling, residual  # a tensor, or a 4-bit frozen.QuantizedWeight
         ctx.has_dropped, ctx.has_scale, ctx.has_pre_scale = dropped is not None, scale is not None, pre_scale is not None
         ctx.wants_scale_grad, ctx.magnitude_dtype = wants_scale_grad, None if magnitude is None else magnitude.dtype
@@ -118,7 +118,7 @@ class AdapterFunction(torch.autograd.Function):
         src, lora_a, lora_b, h, scale, out, pre_scale = ctx.saved_tensors
         s = ctx.scaling
         grad_x = grad_dropped = grad_a = grad_b = grad_scale = None
-        d_out = grad if scale is None else grad * scale.to(grad.dtype)  # (N, out), dL/d(pre-scale)
+        d_out = grad if scale is None else torch.mul(grad, scale, out=torch.empty_like(grad))  # (N, out), dL/d(pre-scale)
         if ctx.needs_input_grad[0]:
             grad_x = frozen.input_grad(d_out, ctx.residual)  # (N, in)
         d_lora = d_out if d_out.dtype == lora_b.dtype else d_out.to(lora_b.dtype)
@@ -175,6 +175,6 @@ def adapter_forward(
     else:  # inference: no graph, no saved tensors
         out, _ = adapter_matmuls(x2, d2, residual, lora_a, lora_b, scaling)
         if scale is not None:
-            out.mul_(scale.to(out.dtype))
+            out.mul_(scale)
     return out.reshape(*lead, out.shape[-1])
 

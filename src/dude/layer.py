@@ -236,7 +236,9 @@ class AdapterLinear(nn.Module):
         update = F.linear(hidden, self.lora_B * self.scaling)  # (..., out)
         out = base + update.to(base.dtype)
         if scale is not None:
-            out = out * scale.to(out.dtype)
+            # g stays float32 and the product is rounded once, as in PEFT: rounded to bf16 first,
+            # g would move in steps of 2^-7 near 1, below which a magnitude change is lost
+            out = (out * scale).to(out.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out
