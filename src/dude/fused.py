@@ -118,7 +118,8 @@ class AdapterFunction(torch.autograd.Function):
         src, lora_a, lora_b, h, scale, out, pre_scale = ctx.saved_tensors
         s = ctx.scaling
         grad_x = grad_dropped = grad_a = grad_b = grad_scale = None
-        d_out = grad if scale is None else torch.mul(grad, scale, out=torch.empty_like(grad))  # (N, out), dL/d(pre-scale)
+        # (N, out), dL/d(pre-scale); g in float32, rounded once into grad's dtype
+        d_out = grad if scale is None else torch.mul(grad, scale, out=torch.empty_like(grad))
         if ctx.needs_input_grad[0]:
             grad_x = frozen.input_grad(d_out, ctx.residual)  # (N, in)
         d_lora = d_out if d_out.dtype == lora_b.dtype else d_out.to(lora_b.dtype)
