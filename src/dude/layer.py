@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import decompose, frozen, fused, norm_rows
+from .scaled_sum import scaled_sum
 from .build import frozen_part, is_conv1d
 from .config import AdapterConfig
 from .frozen import QuantizedWeight
@@ -234,11 +235,10 @@ class AdapterLinear(nn.Module):
             scale = None if self.magnitude is None else self.magnitude_scale()
         hidden = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
         update = F.linear(hidden, self.lora_B * self.scaling)  # (..., out)
-        out = base + update.to(base.dtype)
-        if scale is not None:
-            # g stays float32 and the product is rounded once, as in PEFT: rounded to bf16 first,
-            # g would move in steps of 2^-7 near 1, below which a magnitude change is lost
-            out = (out * scale).to(out.dtype)
+        if scale is None:
+            out = base + update.to(base.dtype)
+        else:  # g in float32 and one rounding into a half output, as PEFT (scaled_sum.py)
+            out = scaled_sum(base, update, scale)
         if self.bias is not None:
             out = out + self.bias
         return out
