@@ -223,7 +223,8 @@ class AdapterLinear(nn.Module):
                 and (self.training or torch.compiler.is_compiling()) and norm_rows.applies(self.residual, x))
 
     def forward_autograd(self, x: torch.Tensor) -> torch.Tensor:
-        """The same function by plain autograd ops (used under autocast, and as a baseline)."""
+        """The same function by plain autograd ops (used under autocast, and as a baseline); a
+        half-precision output takes ``g`` and the sum through ``scaled_sum`` (one rounding)."""
         if self._norm_from_rows(x):  # g's W_res A^T from r extra rows of the base matmul
             base, residual_a = norm_rows.base_with_norm_rows(x, self.residual, self.lora_A)
             with torch.no_grad():
