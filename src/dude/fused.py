@@ -102,7 +102,7 @@ class AdapterFunction(torch.autograd.Function):
         if scale is not None:
             if wants_scale_grad and has_zero(scale):
                 pre_scale = out.clone()  # z / g is undefined on these rows: keep what autograd keeps
-            out.mul_(scale)  # g in float32, the product rounded once (layer.forward_autograd)
+            out.mul_(scale)  # g in float32: a mixed-dtype in-place product, rounded once
         ctx.scaling, ctx.residual = scaling, residual  # a tensor, or a 4-bit frozen.QuantizedWeight
         ctx.has_dropped, ctx.has_scale, ctx.has_pre_scale = dropped is not None, scale is not None, pre_scale is not None
         ctx.wants_scale_grad, ctx.magnitude_dtype = wants_scale_grad, None if magnitude is None else magnitude.dtype
