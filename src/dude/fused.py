@@ -35,13 +35,15 @@ def adapter_matmuls(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scaling: float,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x W_res^T + s h B^T, h)`` for 2-D ``x`` (N, in), with ``h = drop(x) A^T`` (N, r).
+    """``(g (x W_res^T + s h B^T), h)`` for 2-D ``x`` (N, in), with ``h = drop(x) A^T`` (N, r)
+    and ``g = scale`` (out,), or 1 when ``None``.
 
     One base matmul; the update is accumulated into its output in place. ``dropped`` is
     ``drop(x)``, or ``None`` when the dropout is the identity.
     """
-    return _accumulate_update(frozen.linear(x, residual), x, dropped, lora_a, lora_b, scaling)
+    return _accumulate_update(frozen.linear(x, residual), x, dropped, lora_a, lora_b, scaling, scale)
 
 
 def base_with_norm_rows(x: torch.Tensor, residual: frozen.Frozen, lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,15 +69,25 @@ def has_zero(scale: torch.Tensor) -> bool:
     return not bool((scale != 0).all())
 
 
-def _accumulate_update(out, x, dropped, lora_a, lora_b, scaling):
-    """``out += s h B^T`` in place, ``h = drop(x) A^T``; returns ``(out, h)``."""
+def _accumulate_update(out, x, dropped, lora_a, lora_b, scaling, scale=None):
+    """``out = g (out + s h B^T)`` in place, ``h = drop(x) A^T``, ``g = scale`` or 1; returns
+    ``(out, h)``.
+
+    A half-precision ``out`` with a float32 adapter (a bf16 model) takes the sum and the
+    product in float32 and is rounded once, as PEFT does; rounding the update, the sum and
+    the product each left bf16 DoRA logits up to 1.3x as far from float32 as PEFT's.
+    """
     src = x if dropped is None else dropped
     h = src.to(lora_a.dtype) @ lora_a.T  # (N, r), adapter precision (float32 for half models)
     if out.dtype == lora_b.dtype:
         out.addmm_(h, lora_b.T, alpha=scaling)
-    else:  # half base, float32 adapter: the update is rounded once, onto the base output
-        out.add_(torch.mm(h, lora_b.T).mul_(scaling).to(out.dtype))
-    return out, h
+        if scale is not None:
+            out.mul_(scale)  # g in float32: a mixed-dtype in-place product, rounded once
+        return out, h
+    exact = torch.mm(h, lora_b.T).mul_(scaling).add_(out)  # (N, out) float32: base + s h B^T
+    if scale is not None:
+        exact.mul_(scale)
+    return out.copy_(exact), h
 
 
 class AdapterFunction(torch.autograd.Function):
@@ -90,19 +102,21 @@ class AdapterFunction(torch.autograd.Function):
     def forward(ctx, x, dropped, residual, lora_a, lora_b, scaling, scale, magnitude=None, residual_sq_norm=None):
         ctx.safe_norm = None
         if magnitude is None:
-            out, h = adapter_matmuls(x, dropped, residual, lora_a, lora_b, scaling)  # (N, out), (N, r)
+            base = frozen.linear(x, residual)  # (N, out)
         else:
             base, residual_a = base_with_norm_rows(x, residual, lora_a)
-            out, h = _accumulate_update(base, x, dropped, lora_a, lora_b, scaling)
             norm = decompose.row_norm_factored(residual_a, residual_sq_norm, lora_a, lora_b, scaling)
             ctx.safe_norm = decompose.safe_row_norm(norm)  # (out,): g = m / safe_norm
             scale = magnitude.to(torch.float32) / ctx.safe_norm
         wants_scale_grad = ctx.needs_input_grad[6] or (magnitude is not None and ctx.needs_input_grad[7])
         pre_scale = None
-        if scale is not None:
-            if wants_scale_grad and has_zero(scale):
-                pre_scale = out.clone()  # z / g is undefined on these rows: keep what autograd keeps
-            out.mul_(scale)  # g in float32: a mixed-dtype in-place product, rounded once
+        if scale is not None and wants_scale_grad and has_zero(scale):
+            # z / g is undefined on these rows: keep the pre-scale output, as autograd does
+            out, h = _accumulate_update(base, x, dropped, lora_a, lora_b, scaling)
+            pre_scale = out.clone()
+            out.mul_(scale)
+        else:
+            out, h = _accumulate_update(base, x, dropped, lora_a, lora_b, scaling, scale)  # (N, out), (N, r)
         ctx.scaling, ctx.residual = scaling, residual  # a tensor, or a 4-bit frozen.QuantizedWeight
         ctx.has_dropped, ctx.has_scale, ctx.has_pre_scale = dropped is not None, scale is not None, pre_scale is not None
         ctx.wants_scale_grad, ctx.magnitude_dtype = wants_scale_grad, None if magnitude is None else magnitude.dtype
@@ -118,11 +132,16 @@ class AdapterFunction(torch.autograd.Function):
         src, lora_a, lora_b, h, scale, out, pre_scale = ctx.saved_tensors
         s = ctx.scaling
         grad_x = grad_dropped = grad_a = grad_b = grad_scale = None
-        # (N, out), dL/d(pre-scale); g in float32, rounded once into grad's dtype
-        d_out = grad if scale is None else torch.mul(grad, scale, out=torch.empty_like(grad))
+        # (N, out), dL/d(pre-scale): d_out in grad's dtype for the residual, d_lora in the
+        # adapter's; g in float32, and a half d_out rounded once from float32
+        if grad.dtype == lora_b.dtype:
+            d_out = grad if scale is None else torch.mul(grad, scale, out=torch.empty_like(grad))
+            d_lora = d_out
+        else:  # a bf16 model with a float32 adapter: d_lora is formed in float32, not rounded
+            d_lora = grad.to(lora_b.dtype) if scale is None else grad.to(lora_b.dtype).mul_(scale)
+            d_out = grad if scale is None else d_lora.to(grad.dtype)
         if ctx.needs_input_grad[0]:
             grad_x = frozen.input_grad(d_out, ctx.residual)  # (N, in)
-        d_lora = d_out if d_out.dtype == lora_b.dtype else d_out.to(lora_b.dtype)
         d_h = torch.mm(d_lora, lora_b).mul_(s)  # (N, r)
         if ctx.needs_input_grad[3]:
             grad_a = d_h.T @ src.to(lora_a.dtype)  # (r, in)
@@ -141,10 +160,10 @@ class AdapterFunction(torch.autograd.Function):
             if ctx.has_pre_scale:
                 grad_scale = (grad * pre_scale).sum(0, dtype=torch.float32)
             else:
-                # sum_t dz * (z / g) = sum_t (dz g) * z / g^2: d_out is ours and used up, so
+                # sum_t dz * (z / g) = sum_t (dz g) * z / g^2: d_lora is ours and used up, so
                 # the product reuses its buffer instead of allocating another (N, out).
                 g32 = scale.to(torch.float32)
-                grad_scale = d_out.mul_(out).sum(0, dtype=torch.float32).div_(g32 * g32)
+                grad_scale = d_lora.mul_(out).sum(0, dtype=torch.float32).div_(g32 * g32)
             grad_scale = grad_scale.to(scale.dtype)
             if ctx.safe_norm is not None:  # g = m / safe_norm: what autograd of that division gives
                 grad_magnitude, grad_scale = (grad_scale / ctx.safe_norm).to(ctx.magnitude_dtype), None
@@ -174,8 +193,6 @@ def adapter_forward(
     elif torch.is_grad_enabled():
         out = AdapterFunction.apply(x2, d2, residual, lora_a, lora_b, scaling, scale)
     else:  # inference: no graph, no saved tensors
-        out, _ = adapter_matmuls(x2, d2, residual, lora_a, lora_b, scaling)
-        if scale is not None:
-            out.mul_(scale)
+        out, _ = adapter_matmuls(x2, d2, residual, lora_a, lora_b, scaling, scale)
     return out.reshape(*lead, out.shape[-1])
 

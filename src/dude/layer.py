@@ -236,8 +236,8 @@ class AdapterLinear(nn.Module):
             scale = None if self.magnitude is None else self.magnitude_scale()
         hidden = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
         update = F.linear(hidden, self.lora_B * self.scaling)  # (..., out)
-        if scale is None:
-            out = base + update.to(base.dtype)
+        if scale is None:  # a half base and a float32 update: summed in float32, rounded once
+            out = (base + update).to(base.dtype)
         else:  # g in float32 and one rounding into a half output, as PEFT (scaled_sum.py)
             out = scaled_sum(base, update, scale)
         if self.bias is not None:
