@@ -155,9 +155,11 @@ class AdapterLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """``.to``, ``.cuda``, ``.half`` cast the float32 ``||W_res||^2`` buffer with the rest:
-        it is recomputed from the moved residual instead."""
+        it is recomputed from the moved residual instead, and the eval-mode norm is dropped
+        (its key is data pointers, which a move may hand to another tensor)."""
         super()._apply(fn, recurse)
         self._refresh_residual_sq_norm()
+        self._norm_cache = None
         return self
 
     def weight_row_norm(self) -> torch.Tensor:
