@@ -25,6 +25,7 @@ from test_train import make_math_file, make_tiny_model_dir, tiny_train_args
 from dude.cli import main
 from dude.train import distributed
 from dude.train.checkpoint import list_checkpoints
+from dude.train.runlock import FolderBusy, FolderLock
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 PYTHON = [sys.executable, "-m"]
@@ -45,14 +46,31 @@ def tiny(tmp_path_factory, smollm2_dir) -> Path:
 def _start(prefix: list[str], args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([*prefix, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own group: a hang kills torchrun's workers too
+                            start_new_session=True)  # its own session: a signal to pytest does not reach it
+
+
+def _kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers at once, as a lost machine, and wait until they are
+    gone. The workers run in sessions of their own (torch elastic starts them so): a SIGKILL
+    to the launcher's group leaves them training on, holding the folder's lock."""
+    import psutil
+
+    launcher = psutil.Process(proc.pid)
+    tree = [launcher, *launcher.children(recursive=True)]
+    for member in tree:
+        try:
+            member.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(tree, timeout=30)
 
 
 def _finish(proc: subprocess.Popen) -> str:
     try:
         out, _ = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_all(proc)
         raise
     assert proc.returncode == 0, out
     return out
@@ -249,6 +267,19 @@ def test_ddp_checkpoint_resumes_in_one_process_keeping_the_global_batch(runs, ti
     assert "written with FSDP" in err and "torchrun --nproc-per-node 1" in err
 
 
+def _wait_until_free(folder: Path, timeout: float = 60) -> None:
+    """Until rank 0's folder lock is gone with it (a worker left running once held it, and
+    the resume was refused)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            FolderLock(folder, "the test").acquire().release()
+            return
+        except FolderBusy as busy:
+            assert time.monotonic() < deadline, str(busy)
+            time.sleep(0.05)
+
+
 def test_fsdp_resume_after_sigkill_is_bit_identical(tiny, tmp_path):
     steps, fsdp = 16, ["--grad-accum", "1", "--strategy", "fsdp", "--save-every", "3"]  # dropout 0.1: RNG restored
     full = _start(TORCHRUN, tiny_train_args(tiny, tmp_path / "full", steps, *fsdp))
@@ -260,8 +291,8 @@ def test_fsdp_resume_after_sigkill_is_bit_identical(tiny, tmp_path):
         assert victim.poll() is None, victim.stdout.read()
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
-    os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both workers, as a lost machine
-    victim.wait()
+    _kill_all(victim)  # the launcher and both workers, as a lost machine
+    _wait_until_free(killed)
     assert not (killed / "adapter_model.safetensors").exists(), "the run finished before the kill"
     assert list_checkpoints(killed)[-1][0] < steps
     out = _run(TORCHRUN, tiny_train_args(tiny, killed, steps, *fsdp, "--resume"))
