@@ -31,6 +31,15 @@ def copy_kaiming_a_from_peft(model, peft) -> None:
             layer.lora_A.copy_(peft_layer_tensors(peft, name)["A"])
 
 
+def copy_adapters_to_peft(model, peft) -> None:
+    """Give PEFT our A, B and m, layer by layer (for DoRA, whose residual is W on both sides)."""
+    with torch.no_grad():
+        for name, layer in dude.adapter_layers(model).items():
+            ref = peft_layer_tensors(peft, name)
+            for key, value in (("A", layer.lora_A), ("B", layer.lora_B), ("m", layer.magnitude)):
+                ref[key].copy_(value)
+
+
 def sgd_steps(model, params, ids, steps: int = 3, lr: float = 0.5) -> None:
     optimizer = torch.optim.SGD(params, lr=lr)
     for _ in range(steps):

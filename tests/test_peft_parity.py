@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dude
-from peft_oracle import assert_same_start, peft_layer_tensors, peft_model, sgd_steps
+from peft_oracle import assert_same_start, copy_adapters_to_peft, peft_model, sgd_steps
 from tiny_models import move_adapters, tiny_llama, token_batch
 
 TARGETS = dude.config.LLAMA_LINEAR
@@ -42,11 +42,7 @@ def test_bf16_autocast_is_as_close_to_float32_as_peft(seed):
     ours = dude.apply(copy.deepcopy(base), dude.AdapterConfig(method="dora", r=4, alpha=8, target_modules=list(TARGETS)))
     move_adapters(ours, seed=seed + 1, scale=0.2)
     peft = peft_model(copy.deepcopy(base), "dora", 4, 8, list(TARGETS))
-    with torch.no_grad():  # PEFT gets our moved A, B and m; the residual is W on both sides
-        for name, layer in dude.adapter_layers(ours).items():
-            ref = peft_layer_tensors(peft, name)
-            for key, value in (("A", layer.lora_A), ("B", layer.lora_B), ("m", layer.magnitude)):
-                ref[key].copy_(value)
+    copy_adapters_to_peft(ours, peft)
     ids = token_batch(seed=seed)
     with torch.no_grad():
         want = ours.eval()(input_ids=ids).logits
@@ -68,14 +64,12 @@ def test_a_bf16_model_computes_what_peft_computes(seed):
     move_adapters(moved, seed=seed + 1, scale=0.2)
     ours = dude.apply(copy.deepcopy(base).to(torch.bfloat16), config)
     peft = peft_model(copy.deepcopy(base).to(torch.bfloat16), "dora", 4, 8, list(TARGETS))
+    copy_adapters_to_peft(moved, peft)
     with torch.no_grad():
-        layers = dude.adapter_layers(ours)
-        for name, layer in dude.adapter_layers(moved).items():
-            ref = peft_layer_tensors(peft, name)
-            for key, attr in (("A", "lora_A"), ("B", "lora_B"), ("m", "magnitude")):
-                assert ref[key].dtype == getattr(layers[name], attr).dtype == torch.float32
-                ref[key].copy_(getattr(layer, attr))
-                getattr(layers[name], attr).copy_(getattr(layer, attr))
+        for mine, theirs, value in zip(dude.adapter_parameters(ours), (p for p in peft.parameters() if p.requires_grad),
+                                       dude.adapter_parameters(moved)):
+            assert mine.dtype == theirs.dtype == torch.float32  # float32 adapters on a bf16 model
+            mine.copy_(value)
     ids = token_batch(seed=seed)
     with torch.no_grad():
         want = moved.eval()(input_ids=ids).logits
