@@ -109,14 +109,13 @@ class AdapterFunction(torch.autograd.Function):
             ctx.safe_norm = decompose.safe_row_norm(norm)  # (out,): g = m / safe_norm
             scale = magnitude.to(torch.float32) / ctx.safe_norm
         wants_scale_grad = ctx.needs_input_grad[6] or (magnitude is not None and ctx.needs_input_grad[7])
-        pre_scale = None
-        if scale is not None and wants_scale_grad and has_zero(scale):
-            # z / g is undefined on these rows: keep the pre-scale output, as autograd does
-            out, h = _accumulate_update(base, x, dropped, lora_a, lora_b, scaling)
-            pre_scale = out.clone()
+        # z / g is undefined on zero-g rows: keep the pre-scale output there, as autograd does
+        keep_pre_scale = scale is not None and wants_scale_grad and has_zero(scale)
+        out, h = _accumulate_update(base, x, dropped, lora_a, lora_b, scaling,
+                                    None if keep_pre_scale else scale)  # (N, out), (N, r)
+        pre_scale = out.clone() if keep_pre_scale else None
+        if keep_pre_scale:
             out.mul_(scale)
-        else:
-            out, h = _accumulate_update(base, x, dropped, lora_a, lora_b, scaling, scale)  # (N, out), (N, r)
         ctx.scaling, ctx.residual = scaling, residual  # a tensor, or a 4-bit frozen.QuantizedWeight
         ctx.has_dropped, ctx.has_scale, ctx.has_pre_scale = dropped is not None, scale is not None, pre_scale is not None
         ctx.wants_scale_grad, ctx.magnitude_dtype = wants_scale_grad, None if magnitude is None else magnitude.dtype
